@@ -1,0 +1,234 @@
+"""The Llama 2 architecture (../shared/docs/llama2.md, "Architecture").
+
+Plain PyTorch with Meta's reference parameter names. The model knows nothing of distribution:
+attention reshapes with `view(bsz, seqlen, -1, head_dim)`, so a tensor-parallel shard that
+holds a subset of the heads runs the same code.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llama_dist.models.config import LlamaConfig, RopeScaling
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 and scale in the input dtype, as Meta's reference and HF do.
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x)
+        return normed * self.weight
+
+
+def rope_tables(
+    head_dim: int, seq_len: int, theta: float, scaling: RopeScaling, device=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles, each (seq_len, head_dim // 2), in fp32.
+
+    This is the hook for long-context scaling: "linear" divides positions by the factor
+    (position interpolation); a new base frequency comes in through `theta`.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+    positions = torch.arange(seq_len, device=device).float()
+    if scaling.kind == "linear":
+        positions = positions / scaling.factor
+    angles = torch.outer(positions, inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive pairs (x[2i], x[2i+1]) of each head: Meta's complex-number layout.
+
+    x: (bsz, seqlen, heads, head_dim); cos, sin: (seqlen, head_dim // 2) or
+    (bsz, seqlen, head_dim // 2) when every sequence has its own positions.
+    """
+    if cos.dim() == 2:
+        cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    else:
+        cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    pairs = x.float().unflatten(-1, (-1, 2))  # (bsz, seqlen, heads, head_dim // 2, 2)
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.head_dim = cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        bsz, seqlen, _ = x.shape
+        # -1 instead of the head count: under tensor parallelism each rank holds a subset.
+        q = self.wq(x).view(bsz, seqlen, -1, self.head_dim)
+        k = self.wk(x).view(bsz, seqlen, -1, self.head_dim)
+        v = self.wv(x).view(bsz, seqlen, -1, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+        n_rep = q.shape[2] // k.shape[2]
+        if n_rep > 1:  # grouped-query attention: each kv head serves n_rep query heads
+            k = k.repeat_interleave(n_rep, dim=2)
+            v = v.repeat_interleave(n_rep, dim=2)
+
+        # (bsz, heads, seqlen, head_dim) for SDPA
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        out = out.transpose(1, 2).contiguous().view(bsz, seqlen, -1)
+        return self.wo(out)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention = Attention(cfg)
+        self.feed_forward = FeedForward(cfg.dim, cfg.hidden_dim)
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+    def forward(self, x, cos, sin, mask):
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+def document_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """Boolean SDPA mask (bsz, 1, seqlen, seqlen): causal, and only within a document.
+
+    document_ids: (bsz, seqlen) integers, equal for tokens of the same packed document.
+    """
+    seqlen = document_ids.shape[1]
+    causal = torch.ones(seqlen, seqlen, dtype=torch.bool, device=document_ids.device).tril()
+    same_doc = document_ids[:, :, None] == document_ids[:, None, :]
+    return (same_doc & causal)[:, None]
+
+
+def param_seed(seed: int, name: str) -> int:
+    """A generator seed per parameter, from its name: init does not depend on module order."""
+    return (seed * 0x9E3779B1 + zlib.crc32(name.encode())) % (2**63)
+
+
+class Llama(nn.Module):
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        # A ModuleDict keeps the names `layers.N` stable when a stage drops some layers.
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(i, cfg) for i in range(cfg.n_layers)})
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
+        # Not persistent: derived from the config, recomputed by init_weights after to_empty.
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        *,
+        position_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits (bsz, seqlen, vocab_size) for tokens (bsz, seqlen).
+
+        position_ids (bsz, seqlen): rotary positions, e.g. restarting at each packed document;
+        default 0..seqlen-1. document_ids (bsz, seqlen): when given, attention stays within a
+        document (a block-diagonal causal mask); by default attention is plainly causal.
+        """
+        seqlen = tokens.shape[1]
+        if position_ids is None:
+            if seqlen > self.cfg.max_seq_len:
+                raise ValueError(
+                    f"sequence of {seqlen} tokens is longer than model.max_seq_len="
+                    f"{self.cfg.max_seq_len}; raise max_seq_len"
+                )
+            cos, sin = self.rope_cos[:seqlen], self.rope_sin[:seqlen]
+        else:
+            cos, sin = self.rope_cos[position_ids], self.rope_sin[position_ids]
+        mask = None if document_ids is None else document_causal_mask(document_ids)
+
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers.values():
+            h = layer(h, cos, sin, mask)
+        return self.output(self.norm(h))
+
+    # Initialisation --------------------------------------------------------------------------
+    def param_init_std(self) -> dict[str, float | None]:
+        """Normal std of every parameter by name; None means ones (the norm weights).
+
+        Residual-branch outputs (wo, w2) shrink with depth, as in GPT-2 / torchtitan.
+        """
+        specs: dict[str, float | None] = {}
+        for name, _ in self.named_parameters():
+            if name.endswith("norm.weight"):
+                specs[name] = None
+            elif name.startswith("tok_embeddings"):
+                specs[name] = 1.0
+            elif name.startswith("output"):
+                specs[name] = self.cfg.dim**-0.5
+            elif name.endswith(("wo.weight", "w2.weight")):
+                layer_id = int(name.split(".")[1])
+                specs[name] = 0.02 / math.sqrt(2 * (layer_id + 1))
+            else:
+                specs[name] = 0.02
+        return specs
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> None:
+        """Deterministic init from `seed`: each parameter from its own named generator."""
+        stds = self.param_init_std()
+        for name, param in self.named_parameters():
+            init_param_(param, stds[name], seed=seed, name=name)
+        self.reset_rope()
+
+    @torch.no_grad()
+    def reset_rope(self) -> None:
+        cfg = self.cfg
+        device = self.rope_cos.device
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling,
+                               device=device)
+        self.rope_cos, self.rope_sin = cos, sin
+
+
+@torch.no_grad()
+def init_param_(tensor: torch.Tensor, std: float | None, *, seed: int, name: str) -> None:
+    """Fill a full (unsharded) tensor as `Llama.init_weights` does for parameter `name`."""
+    if std is None:
+        tensor.fill_(1.0)
+        return
+    gen = torch.Generator(device=tensor.device).manual_seed(param_seed(seed, name))
+    values = torch.empty(tensor.shape, dtype=torch.float32, device=tensor.device)
+    values.normal_(0.0, std, generator=gen)
+    tensor.copy_(values)
