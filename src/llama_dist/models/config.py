@@ -132,29 +132,50 @@ class LlamaConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(
-                f"unknown model config keys {unknown}; valid keys are {sorted(known)}"
-            )
+            raise ValueError(f"unknown model config keys {unknown}; valid keys are {sorted(known)}")
         return cls(**data).validate()
 
 
 # Shapes from llama2.md; 34B is the CodeLlama-34B shape (never released as Llama 2).
 PRESETS: dict[str, LlamaConfig] = {
     # ~0.9M parameters: unit and multi-process tests.
-    "debug": LlamaConfig(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=2048,
-                         multiple_of=64, max_seq_len=512),
+    "debug": LlamaConfig(
+        dim=128,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        vocab_size=2048,
+        multiple_of=64,
+        max_seq_len=512,
+    ),
     # ~15.6M parameters: the CPU demo (tokenizer with an 8000-piece vocabulary).
-    "tiny": LlamaConfig(dim=384, n_layers=6, n_heads=6, n_kv_heads=2, vocab_size=8000,
-                        multiple_of=64, max_seq_len=1024),
+    "tiny": LlamaConfig(
+        dim=384,
+        n_layers=6,
+        n_heads=6,
+        n_kv_heads=2,
+        vocab_size=8000,
+        multiple_of=64,
+        max_seq_len=1024,
+    ),
     # ~94M parameters: CPU benchmarks and one-GPU smoke runs.
-    "small": LlamaConfig(dim=640, n_layers=12, n_heads=10, n_kv_heads=2, vocab_size=32000,
-                         multiple_of=256, max_seq_len=2048),
+    "small": LlamaConfig(
+        dim=640,
+        n_layers=12,
+        n_heads=10,
+        n_kv_heads=2,
+        vocab_size=32000,
+        multiple_of=256,
+        max_seq_len=2048,
+    ),
     "7b": LlamaConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=None, multiple_of=256),
     "13b": LlamaConfig(dim=5120, n_layers=40, n_heads=40, n_kv_heads=None, multiple_of=256),
-    "34b": LlamaConfig(dim=8192, n_layers=48, n_heads=64, n_kv_heads=8, multiple_of=256,
-                       ffn_dim_multiplier=1.0),
-    "70b": LlamaConfig(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, multiple_of=4096,
-                       ffn_dim_multiplier=1.3),
+    "34b": LlamaConfig(
+        dim=8192, n_layers=48, n_heads=64, n_kv_heads=8, multiple_of=256, ffn_dim_multiplier=1.0
+    ),
+    "70b": LlamaConfig(
+        dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, multiple_of=4096, ffn_dim_multiplier=1.3
+    ),
 }
 
 

@@ -217,8 +217,9 @@ class Llama(nn.Module):
     def reset_rope(self) -> None:
         cfg = self.cfg
         device = self.rope_cos.device
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling,
-                               device=device)
+        cos, sin = rope_tables(
+            cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling, device=device
+        )
         self.rope_cos, self.rope_sin = cos, sin
 
 
