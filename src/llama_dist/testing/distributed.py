@@ -1,0 +1,74 @@
+"""Run a function on N CPU processes joined by gloo, from inside a test.
+
+Launching costs seconds (each process imports torch), so tests group several checks into one
+launch. Rank 0's return value comes back to the caller; any rank's exception fails the call.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import tempfile
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, args: tuple):
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+    )
+    # Two cores and up to four ranks: one thread each avoids oversubscription.
+    torch.set_num_threads(1)
+    result_path = Path(out_dir) / f"rank{rank}.pkl"
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        result = fn(*args)
+        payload = ("ok", result if rank == 0 else None)
+    except BaseException:  # noqa: BLE001 - reported to the parent with its traceback
+        payload = ("error", f"rank {rank}:\n{traceback.format_exc()}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    with open(result_path, "wb") as f:
+        pickle.dump(payload, f)
+
+
+def run_distributed(fn: Callable, world_size: int, *args: Any) -> Any:
+    """Run `fn(*args)` on `world_size` gloo ranks; return rank 0's result.
+
+    `fn` must be importable (a module-level function) since the workers are spawned.
+    """
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.start_processes(
+            _worker,
+            args=(world_size, _free_port(), out_dir, fn, args),
+            nprocs=world_size,
+            join=True,
+            start_method="spawn",
+        )
+        results = []
+        for rank in range(world_size):
+            with open(Path(out_dir) / f"rank{rank}.pkl", "rb") as f:
+                results.append(pickle.load(f))
+    errors = [msg for status, msg in results if status == "error"]
+    if errors:
+        raise RuntimeError("distributed run failed:\n" + "\n".join(errors))
+    return results[0][1]
