@@ -111,7 +111,7 @@ def format_report(model_name: str, cfg: ParallelConfig, world_size: int, mem: Ra
         f"dp_shard={cfg.dp_shard} tp={cfg.tp} ac={cfg.ac.mode}",
         f"{'per rank':<40} {'count':>16} {'GiB':>10}",
     ]
-    lines += [f"{name:<40} {count:>16} {b / GIB:>10.3f}" for name, count, b in rows]
+    lines += [f"{name:<40} {count:>16} {b / GIB:>10.4f}" for name, count, b in rows]
     return "\n".join(lines)
 
 

@@ -37,10 +37,7 @@ def parallelize_llama(model: Llama, mesh: DeviceMesh, cfg: ParallelConfig) -> Ll
         )
     apply_ac(model, cfg.ac)
     if cfg.compile:
-        for block in model.layers.values():
-            # Compile the forward, not the module: names stay unprefixed and FSDP's hooks,
-            # which run around forward, stay eager.
-            block.forward = torch.compile(block.forward)
+        apply_compile(model)
     dev = mesh.device_type
     param_dtype = resolve_dtype(cfg.param_dtype, device_type=dev)
     if cfg.dp > 1 or param_dtype != torch.float32:
@@ -54,6 +51,13 @@ def parallelize_llama(model: Llama, mesh: DeviceMesh, cfg: ParallelConfig) -> Ll
             backward_prefetch=cfg.backward_prefetch,
         )
     return model
+
+
+def apply_compile(model: Llama) -> None:
+    """torch.compile each block's forward, not the module: parameter names stay unprefixed
+    and FSDP's hooks, which run around forward, stay eager."""
+    for block in model.layers.values():
+        block.forward = torch.compile(block.forward)
 
 
 @torch.no_grad()
