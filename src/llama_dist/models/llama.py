@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +62,94 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return rotated.flatten(-2).type_as(x)
 
 
+@dataclass(frozen=True, eq=False)
+class LayerKVCache:
+    """One layer's keys and values in a `KVCache`; the new ones are written from `start`."""
+
+    k: torch.Tensor  # (bsz, max_len, n_kv_heads, head_dim)
+    v: torch.Tensor  # (bsz, max_len, n_kv_heads, head_dim)
+    start: int
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (bsz, seqlen, n_kv_heads, head_dim); return all cached and new ones."""
+        end = self.start + k.shape[1]
+        self.k[:, self.start : end] = k
+        self.v[:, self.start : end] = v
+        return self.k[:, :end], self.v[:, :end]
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, for incremental decoding.
+
+    Made by `Llama.new_kv_cache` and passed to `Llama.forward(..., kv_cache=)`, which appends
+    the new tokens and advances `length`. Keys and values are kept before the grouped-query
+    repeat, so the cache holds n_kv_heads heads. `document_ids` remembers each cached token's
+    document so that later tokens attend within their own (padding is a document of its own).
+    """
+
+    def __init__(
+        self,
+        layer_ids: list[int],
+        batch_size: int,
+        max_len: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if batch_size <= 0 or max_len <= 0:
+            raise ValueError(
+                f"KV cache batch_size={batch_size} and max_len={max_len} must be positive; "
+                "max_len is the prompt length plus the tokens to generate"
+            )
+        shape = (batch_size, max_len, num_kv_heads, head_dim)
+        self.k = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layer_ids}
+        self.v = {i: torch.zeros(shape, dtype=dtype, device=device) for i in layer_ids}
+        self.document_ids = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
+        self.length = 0
+        # Until document ids are given, the plain causal mask (or none) suffices.
+        self.has_documents = False
+
+    @property
+    def batch_size(self) -> int:
+        return self.document_ids.shape[0]
+
+    @property
+    def max_len(self) -> int:
+        return self.document_ids.shape[1]
+
+    def layer(self, layer_id: int) -> LayerKVCache:
+        return LayerKVCache(self.k[layer_id], self.v[layer_id], self.length)
+
+    def attention_mask(self, seqlen: int, document_ids: torch.Tensor | None) -> torch.Tensor | None:
+        """Boolean SDPA mask of `seqlen` new queries over the cached and new keys, (bsz, 1,
+        seqlen, length + seqlen) or without the batch dimensions when no document ids were
+        ever given; None when SDPA needs none (see `Attention.forward`).
+
+        Records the new tokens' document ids: `document_ids` (bsz, seqlen), or by default the
+        document of each row's last cached token (document 0 in an empty cache).
+        """
+        start, end = self.length, self.length + seqlen
+        if document_ids is None and not self.has_documents:
+            if start == 0 or seqlen == 1:
+                return None
+            new_docs = None
+        elif document_ids is None:
+            new_docs = self.document_ids[:, start - 1 : start].expand(-1, seqlen)
+        else:
+            self.has_documents = True
+            new_docs = document_ids
+        # SDPA's is_causal aligns the mask top-left; the new queries sit at slots start..end-1.
+        slots = torch.arange(end, device=self.document_ids.device)
+        mask = slots[None, :] <= slots[start:, None]  # (seqlen, end)
+        if new_docs is None:
+            return mask
+        self.document_ids[:, start:end] = new_docs
+        same_doc = new_docs[:, :, None] == self.document_ids[:, None, :end]
+        return (same_doc & mask)[:, None]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
@@ -76,13 +165,23 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         mask: torch.Tensor | None,
+        *,
+        kv_cache: LayerKVCache | None = None,
     ) -> torch.Tensor:
+        """With `kv_cache`, x holds the tokens after the cached ones; `mask` then covers the
+        cached and new keys (see `KVCache.attention_mask`)."""
         bsz, seqlen, _ = x.shape
         # -1 instead of the head count: under tensor parallelism each rank holds a subset.
         q = self.wq(x).view(bsz, seqlen, -1, self.head_dim)
         k = self.wk(x).view(bsz, seqlen, -1, self.head_dim)
         v = self.wv(x).view(bsz, seqlen, -1, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        is_causal = mask is None
+        if kv_cache is not None:
+            k, v = kv_cache.update(k, v)
+            # SDPA's causal mask is aligned top-left, right only for queries that start at slot
+            # 0; later a lone query needs no mask at all, several get an explicit one.
+            is_causal = mask is None and kv_cache.start == 0
 
         n_rep = q.shape[2] // k.shape[2]
         if n_rep > 1:  # grouped-query attention: each kv head serves n_rep query heads
@@ -91,7 +190,7 @@ class Attention(nn.Module):
 
         # (bsz, heads, seqlen, head_dim) for SDPA
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
         out = out.transpose(1, 2).contiguous().view(bsz, seqlen, -1)
         return self.wo(out)
 
@@ -118,8 +217,12 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
-    def forward(self, x, cos, sin, mask):
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask)
+    def forward(self, x, cos, sin, mask, *, kv_cache: KVCache | None = None):
+        if kv_cache is None:
+            h = x + self.attention(self.attention_norm(x), cos, sin, mask)
+        else:
+            layer_cache = kv_cache.layer(self.layer_id)
+            h = x + self.attention(self.attention_norm(x), cos, sin, mask, kv_cache=layer_cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -160,13 +263,21 @@ class Llama(nn.Module):
         *,
         position_ids: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
     ) -> torch.Tensor:
         """Logits (bsz, seqlen, vocab_size) for tokens (bsz, seqlen).
 
         position_ids (bsz, seqlen): rotary positions, e.g. restarting at each packed document;
         default 0..seqlen-1. document_ids (bsz, seqlen): when given, attention stays within a
         document (a block-diagonal causal mask); by default attention is plainly causal.
+
+        kv_cache (from `new_kv_cache`): tokens are the ones after those already cached, whose
+        keys and values are appended; the default positions continue from `kv_cache.length`,
+        and new tokens attend to the cached ones too. Without document_ids, new tokens belong
+        to the document of their row's last cached token.
         """
+        if kv_cache is not None:
+            return self._forward_cached(tokens, position_ids, document_ids, kv_cache)
         seqlen = tokens.shape[1]
         if position_ids is None:
             if seqlen > self.cfg.max_seq_len:
@@ -183,6 +294,66 @@ class Llama(nn.Module):
         for layer in self.layers.values():
             h = layer(h, cos, sin, mask)
         return self.output(self.norm(h))
+
+    def _forward_cached(
+        self,
+        tokens: torch.Tensor,
+        position_ids: torch.Tensor | None,
+        document_ids: torch.Tensor | None,
+        kv_cache: KVCache,
+    ) -> torch.Tensor:
+        bsz, seqlen = tokens.shape
+        start, end = kv_cache.length, kv_cache.length + seqlen
+        if bsz != kv_cache.batch_size:
+            raise ValueError(
+                f"a batch of {bsz} sequences does not fit a KV cache made for batch_size="
+                f"{kv_cache.batch_size}; make the cache with new_kv_cache({bsz}, max_len)"
+            )
+        if end > kv_cache.max_len:
+            raise ValueError(
+                f"{seqlen} new tokens after {start} cached ones exceed the KV cache's max_len="
+                f"{kv_cache.max_len}; make the cache with max_len >= {end} (prompt length "
+                "plus the tokens to generate)"
+            )
+        if position_ids is None:
+            if end > self.cfg.max_seq_len:
+                raise ValueError(
+                    f"positions up to {end - 1} are beyond model.max_seq_len="
+                    f"{self.cfg.max_seq_len}; generate fewer tokens or raise max_seq_len"
+                )
+            cos, sin = self.rope_cos[start:end], self.rope_sin[start:end]
+        else:
+            cos, sin = self.rope_cos[position_ids], self.rope_sin[position_ids]
+        mask = kv_cache.attention_mask(seqlen, document_ids)
+
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers.values():
+            h = layer(h, cos, sin, mask, kv_cache=kv_cache)
+        # Advanced only once every layer has written its keys and values.
+        kv_cache.length = end
+        return self.output(self.norm(h))
+
+    def new_kv_cache(
+        self,
+        batch_size: int,
+        max_len: int,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> KVCache:
+        """An empty `KVCache` for `batch_size` sequences of up to `max_len` tokens, in the
+        dtype and on the device of the embedding weights unless given."""
+        weight = self.tok_embeddings.weight
+        layer_ids = [layer.layer_id for layer in self.layers.values()]
+        return KVCache(
+            layer_ids,
+            batch_size,
+            max_len,
+            self.cfg.num_kv_heads,
+            self.cfg.head_dim,
+            dtype=weight.dtype if dtype is None else dtype,
+            device=weight.device if device is None else device,
+        )
 
     # Initialisation --------------------------------------------------------------------------
     def param_init_std(self) -> dict[str, float | None]:
