@@ -1,15 +1,31 @@
 """Checkpoints: DCP folders with the model config beside them."""
 
+from llama_dist.checkpoint.manager import (
+    CheckpointManager,
+    ModelState,
+    OptimizerState,
+    rng_state,
+    set_rng_state,
+)
 from llama_dist.checkpoint.model_io import (
     MODEL_CONFIG_FILE,
     find_checkpoint,
     load_model_checkpoint,
     save_model_checkpoint,
+    step_checkpoints,
+    step_of,
 )
 
 __all__ = [
     "MODEL_CONFIG_FILE",
+    "CheckpointManager",
+    "ModelState",
+    "OptimizerState",
     "find_checkpoint",
     "load_model_checkpoint",
+    "rng_state",
     "save_model_checkpoint",
+    "set_rng_state",
+    "step_checkpoints",
+    "step_of",
 ]

@@ -66,6 +66,27 @@ def save_model_checkpoint(
     return path
 
 
+def step_of(path: str | os.PathLike) -> int:
+    """The step in a `step-N` folder's name."""
+    match = _STEP_DIR.fullmatch(Path(path).name)
+    if match is None:
+        raise ValueError(
+            f"{path} is not named step-N, so it has no step; point at a step folder of a "
+            "training checkpoint"
+        )
+    return int(match.group(1))
+
+
+def step_checkpoints(path: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, folder) of each complete `step-N` subfolder of `path`, lowest step first."""
+    steps = []
+    for child in Path(path).iterdir():
+        match = _STEP_DIR.fullmatch(child.name)
+        if match and (child / _DCP_METADATA).is_file():
+            steps.append((int(match.group(1)), child))
+    return sorted(steps)
+
+
 def find_checkpoint(path: str | os.PathLike) -> Path:
     """The checkpoint folder `path` names: itself if it is one, else its highest complete
     `step-N` subfolder."""
@@ -74,13 +95,9 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
         raise ValueError(f"checkpoint folder {path} does not exist")
     if (path / _DCP_METADATA).is_file():
         return path
-    steps = []
-    for child in path.iterdir():
-        match = _STEP_DIR.fullmatch(child.name)
-        if match and (child / _DCP_METADATA).is_file():
-            steps.append((int(match.group(1)), child))
+    steps = step_checkpoints(path)
     if steps:
-        return max(steps)[1]
+        return steps[-1][1]
     raise ValueError(
         f"{path} is not a complete llama_dist checkpoint: it has no {_DCP_METADATA} (DCP writes "
         "it last) and no complete step-N subfolder; point at a finished checkpoint"
