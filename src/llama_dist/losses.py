@@ -9,13 +9,21 @@ IGNORE_INDEX = -100
 
 
 def cross_entropy_loss(
-    logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = IGNORE_INDEX
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = IGNORE_INDEX,
+    reduction: str = "mean",
 ) -> torch.Tensor:
-    """Mean next-token cross entropy over the labelled tokens, in fp32.
+    """Next-token cross entropy in fp32: the mean over labelled tokens, or per token
+    (flattened) with reduction="none".
 
     logits (bsz, seqlen, vocab) may be a vocab-sharded DTensor: call this under
     `llama_dist.parallel.loss_context` so the softmax is computed without gathering them.
     """
     return F.cross_entropy(
-        logits.flatten(0, 1).float(), labels.flatten(), ignore_index=ignore_index
+        logits.flatten(0, 1).float(),
+        labels.flatten(),
+        ignore_index=ignore_index,
+        reduction=reduction,
     )

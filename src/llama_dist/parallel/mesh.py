@@ -18,13 +18,17 @@ def device_type() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def init_distributed(*, timeout_s: float = 600.0) -> torch.device:
+def init_distributed(*, device: str = "auto", timeout_s: float = 600.0) -> torch.device:
     """Join the process group torchrun describes; gloo on CPU, nccl on GPUs.
 
-    Returns this rank's device. Idempotent; a single process without torchrun's environment
-    becomes a world of one.
+    device: "auto" (a GPU when there is one), "cpu" or "cuda". Returns this rank's device.
+    Idempotent; a single process without torchrun's environment becomes a world of one.
     """
-    on_gpu = torch.cuda.is_available()
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device={device!r} must be auto, cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
+    on_gpu = torch.cuda.is_available() if device == "auto" else device == "cuda"
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local_rank) if on_gpu else torch.device("cpu")
     if on_gpu:

@@ -1,0 +1,216 @@
+"""The pretraining job's configuration: typed dataclasses, registered with Hydra's ConfigStore.
+
+`conf/*.yaml` holds presets and overrides only; this file is the schema. Derived values
+(gradient accumulation, the peak learning rate of a preset) are computed once, in
+`validate_job`, which every rank runs before any heavy work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+from llama_dist.data.config import DataConfig
+from llama_dist.models.config import LlamaConfig, RopeScaling, get_preset
+from llama_dist.parallel.config import ACConfig, ParallelConfig
+
+# Peak learning rates: llama2.md ("Pretraining"), and larger ones for the small presets,
+# which tolerate (and need, to learn in minutes) a higher rate.
+PEAK_LR = {
+    "debug": 3e-3,
+    "tiny": 1e-3,
+    "small": 6e-4,
+    "7b": 3e-4,
+    "13b": 3e-4,
+    "34b": 1.5e-4,
+    "70b": 1.5e-4,
+}
+
+
+@dataclass
+class ModelConfig:
+    """A preset plus overrides; a field left at None keeps the preset's value."""
+
+    preset: str = "debug"  # debug | tiny | small | 7b | 13b | 34b | 70b
+    dim: int | None = None
+    n_layers: int | None = None
+    n_heads: int | None = None
+    n_kv_heads: int | None = None
+    vocab_size: int | None = None
+    multiple_of: int | None = None
+    ffn_dim_multiplier: float | None = None
+    ffn_hidden_dim: int | None = None  # explicit FFN hidden size
+    norm_eps: float | None = None
+    rope_theta: float | None = None  # a new base frequency, e.g. for long-context training
+    rope_scaling: str | None = None  # none | linear (position interpolation)
+    rope_factor: float | None = None  # positions are divided by this with rope_scaling=linear
+    max_seq_len: int | None = None  # rotary table length; defaults to data.seq_len if longer
+
+    def build(self) -> LlamaConfig:
+        overrides: dict[str, Any] = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(LlamaConfig)
+            if hasattr(self, f.name) and getattr(self, f.name) is not None
+        }
+        overrides.pop("rope_scaling", None)
+        base = get_preset(self.preset)
+        if self.rope_scaling is not None or self.rope_factor is not None:
+            overrides["rope_scaling"] = RopeScaling(
+                kind=self.rope_scaling or base.rope_scaling.kind,
+                factor=self.rope_factor if self.rope_factor is not None else 1.0,
+            )
+        return base.replace(**overrides)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup and cosine decay (llama2.md, "Pretraining")."""
+
+    lr: float | None = None  # peak learning rate; None = the preset's (PEAK_LR)
+    min_lr_ratio: float = 0.1  # cosine decays to this fraction of the peak
+    warmup_steps: int = 2000
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-5
+    weight_decay: float = 0.1
+    decay_norms: bool = False  # apply weight decay to the RMSNorm weights too
+    clip_grad_norm: float = 1.0  # 0 disables clipping
+    implementation: str = "auto"  # auto | fused | foreach | for-loop
+
+
+@dataclass
+class TrainConfig:
+    """The loop: how long, how big a batch, how often to log and evaluate."""
+
+    steps: int = 1000  # optimizer steps in total (a resumed run continues to this)
+    global_batch_tokens: int = 4_194_304  # tokens per optimizer step, over all ranks
+    micro_batch: int = 1  # sequences per rank per forward/backward
+    seed: int = 0  # model init and data order
+    log_every: int = 10
+    eval_every: int = 200  # validation loss/perplexity every N steps (0: only at the end)
+    eval_batches: int = 20  # validation micro-batches per rank per evaluation (0: all)
+    max_nonfinite_steps: int = 5  # abort after this many non-finite losses in a row
+    device: str = "auto"  # auto | cpu | cuda
+    peak_tflops: float | None = None  # per-device peak for MFU on devices not in the table
+    wandb: bool = True  # log to wandb (offline unless logged in)
+    wandb_project: str = "llama_dist"
+    stop_after: int | None = None  # stop (with a checkpoint) after this step, e.g. for tests
+    # derived in validate_job:
+    grad_accum: int = 0
+    global_batch: int = 0  # sequences per optimizer step
+
+
+@dataclass
+class CheckpointConfig:
+    folder: str = "checkpoints"  # relative to the run folder
+    every: int = 500  # save every N steps (and at the end, and on SIGTERM)
+    keep_last: int | None = 3  # older complete checkpoints are deleted
+    async_save: bool = False
+    resume: str = "auto"  # auto: the latest complete checkpoint of this run, if any | none
+    init_from: str | None = None  # weights to start from (e.g. a shorter-context run)
+
+
+@dataclass
+class SampleConfig:
+    """Text sampled from the final checkpoint, so a run shows what the model learned."""
+
+    prompts: list[str] = field(default_factory=lambda: ["The "])
+    max_new_tokens: int = 64
+    temperature: float = 0.8
+    top_p: float = 0.95
+
+
+@dataclass
+class JobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    tokenizer: str | None = None  # tokenizer.model: checks the vocabulary, decodes samples
+    run_name: str = "pretrain"  # default run folder: runs/<run_name>
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="job_schema", node=JobConfig)
+
+
+def to_job_config(cfg: Any) -> JobConfig:
+    """An OmegaConf config (from Hydra) as typed dataclasses."""
+    return OmegaConf.to_object(cfg) if not isinstance(cfg, JobConfig) else cfg
+
+
+def validate_job(cfg: JobConfig, world_size: int) -> LlamaConfig:
+    """Check the whole job and fill derived values; returns the model config.
+
+    Pure: no files are read and no process group is needed, so every rank runs it first.
+    """
+    model = cfg.model.build()
+    seq_len = cfg.data.seq_len
+    cfg.data.validate()
+    if model.max_seq_len < seq_len:
+        model = model.replace(max_seq_len=seq_len)
+    cfg.parallel.validate(world_size, model, seq_len=seq_len)
+
+    t = cfg.train
+    for name in ("steps", "global_batch_tokens", "micro_batch", "log_every"):
+        if getattr(t, name) <= 0:
+            raise ValueError(f"train.{name}={getattr(t, name)} must be positive")
+    if t.global_batch_tokens % seq_len:
+        raise ValueError(
+            f"train.global_batch_tokens={t.global_batch_tokens} is not a multiple of "
+            f"data.seq_len={seq_len}; use a multiple such as "
+            f"{max(1, t.global_batch_tokens // seq_len) * seq_len}"
+        )
+    t.global_batch = t.global_batch_tokens // seq_len
+    per_step = t.micro_batch * cfg.parallel.dp
+    if t.global_batch % per_step:
+        raise ValueError(
+            f"global batch of {t.global_batch} sequences (train.global_batch_tokens / "
+            f"data.seq_len) is not divisible by train.micro_batch ({t.micro_batch}) x "
+            f"data-parallel size ({cfg.parallel.dp}); change global_batch_tokens or micro_batch"
+        )
+    t.grad_accum = t.global_batch // per_step
+    if t.device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"train.device={t.device!r} must be auto, cpu or cuda")
+    if t.max_nonfinite_steps < 1:
+        raise ValueError("train.max_nonfinite_steps must be >= 1")
+
+    o = cfg.optim
+    if o.lr is None:
+        o.lr = PEAK_LR.get(cfg.model.preset, 3e-4)
+    if not o.lr > 0:
+        raise ValueError(f"optim.lr={o.lr} must be positive")
+    if not 0 <= o.min_lr_ratio <= 1:
+        raise ValueError(f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
+    if not 0 <= o.warmup_steps < t.steps:
+        raise ValueError(
+            f"optim.warmup_steps={o.warmup_steps} must be in [0, train.steps={t.steps}); "
+            "lower the warmup for a short run"
+        )
+    if cfg.checkpoint.resume not in ("auto", "none"):
+        raise ValueError(f"checkpoint.resume={cfg.checkpoint.resume!r} must be auto or none")
+    if cfg.checkpoint.every <= 0:
+        raise ValueError(f"checkpoint.every={cfg.checkpoint.every} must be positive")
+    return model
+
+
+__all__ = [
+    "ACConfig",
+    "CheckpointConfig",
+    "JobConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "SampleConfig",
+    "TrainConfig",
+    "register_configs",
+    "to_job_config",
+    "validate_job",
+]

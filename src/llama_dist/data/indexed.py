@@ -1,0 +1,482 @@
+"""Packed pretraining samples from Megatron indexed datasets, and the loaders that batch them.
+
+A dataset (`PREFIX.bin` + `PREFIX.idx`) is read as one flat token stream: its documents lie
+back to back in the .bin, each ending with EOS. Sample k of a source is
+tokens[k*seq_len : k*seq_len + seq_len + 1]; its first seq_len tokens are the inputs and its
+last seq_len the labels, so one epoch uses every token as an input exactly once, except a
+remainder shorter than a sample, and pads nothing. The last `valid_fraction` of each source's
+samples is held out for validation. Training samples are shuffled afresh each epoch of a
+source, and sources are interleaved by a fixed, repeating blend pattern.
+
+Every training sample is a pure function of its global index g, so a run resumes anywhere,
+at any data-parallel size, from one integer (`consumed_samples`), and nothing is cached on
+disk. Data written by Megatron's own `preprocess_data.py --append-eod` is read the same way;
+the `PREFIX.meta.json` sidecar of `launch/prepare_data.py` is optional.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections import OrderedDict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from llama_dist.data.config import DataConfig
+from llama_dist.data.prepare import megatron_indexed_dataset, read_meta
+
+DEFAULT_EOS_ID = 2  # Llama's </s>, for data without a sidecar
+# Slots in one repetition of the blend pattern: mixing proportions are exact to 1/this.
+BLEND_PATTERN_LEN = 10_000
+# First bytes of every Megatron .idx file.
+_INDEX_MAGIC = b"MMIDIDX\x00\x00"
+# Tokens per chunk when data without a sidecar is scanned for its largest id (64 MiB of int32).
+_SCAN_CHUNK = 1 << 24
+
+
+class TokenSource:
+    """One dataset prefix: a memory-mapped token stream cut into training and validation samples.
+
+    Every check that would otherwise fail mid-run happens here, as a ValueError: missing or
+    truncated files, token ids outside the model's vocabulary, too little data for a sample.
+    """
+
+    def __init__(
+        self,
+        prefix: str,
+        *,
+        vocab_size: int,
+        seq_len: int,
+        valid_fraction: float = 0.0,
+    ) -> None:
+        self.prefix = str(prefix)
+        bin_path, idx_path = Path(self.prefix + ".bin"), Path(self.prefix + ".idx")
+        missing = [str(p) for p in (bin_path, idx_path) if not p.is_file()]
+        if missing:
+            raise ValueError(
+                f"dataset {self.prefix!r} is incomplete: {missing} not found (a dataset is "
+                f"{bin_path.name} and {idx_path.name}); write it with python "
+                f"launch/prepare_data.py --input CORPUS --out {self.prefix} "
+                "--tokenizer tokenizer.model"
+            )
+        self.meta: dict[str, Any] | None = read_meta(self.prefix)
+        self.dtype, self.num_documents, self.num_tokens = _read_index(self.prefix)
+
+        num_bytes = bin_path.stat().st_size
+        if num_bytes != self.num_tokens * self.dtype.itemsize:
+            raise ValueError(
+                f"{str(bin_path)!r} has {num_bytes} bytes, but {idx_path.name} describes "
+                f"{self.num_tokens} {self.dtype.name} tokens "
+                f"({self.num_tokens * self.dtype.itemsize} bytes): the .bin is truncated or "
+                "belongs to another index; prepare the dataset again"
+            )
+        if self.num_tokens == 0:
+            raise ValueError(
+                f"dataset {self.prefix!r} holds no tokens ({self.num_documents} documents); "
+                "prepare it from a non-empty corpus or drop it from data.paths"
+            )
+        if self.meta is not None and self.meta["num_tokens"] != self.num_tokens:
+            raise ValueError(
+                f"{self.prefix}.meta.json describes {self.meta['num_tokens']} tokens but the "
+                f"index {self.num_tokens}: the sidecar belongs to another preparation; delete "
+                "it or prepare the dataset again"
+            )
+        self.tokens = np.memmap(bin_path, dtype=self.dtype, mode="r", shape=(self.num_tokens,))
+
+        if self.meta is not None:
+            max_token_id = int(self.meta["max_token_id"])
+        else:
+            min_token_id, max_token_id = _token_range(self.tokens)
+            if min_token_id < 0:
+                raise ValueError(
+                    f"dataset {self.prefix!r} holds a negative token id {min_token_id}; it is "
+                    "not token data, prepare it again"
+                )
+        if max_token_id >= vocab_size:
+            tokenized_with = (
+                f" (its tokenizer has {self.meta['vocab_size']} pieces)" if self.meta else ""
+            )
+            raise ValueError(
+                f"dataset {self.prefix!r} holds token id {max_token_id}, outside the model's "
+                f"vocab_size={vocab_size}{tokenized_with}; tokenize the data with the model's "
+                "tokenizer, or raise model.vocab_size"
+            )
+
+        if self.num_tokens < seq_len + 1:
+            raise ValueError(
+                f"dataset {self.prefix!r} has {self.num_tokens} tokens, fewer than one sample "
+                f"of seq_len + 1 = {seq_len + 1}; lower data.seq_len or give it more text"
+            )
+        self.seq_len = seq_len
+        # Consecutive samples share one token (the last label of one is the first input of
+        # the next), hence the - 1.
+        self.num_samples = (self.num_tokens - 1) // seq_len
+        # Rounded to absorb float error (0.07 * 100 is 7.000000000000001), then up, so any
+        # positive fraction holds out at least one sample.
+        self.num_valid = math.ceil(round(self.num_samples * valid_fraction, 6))
+        self.num_train = self.num_samples - self.num_valid
+        if self.num_train < 1:
+            raise ValueError(
+                f"dataset {self.prefix!r} has {self.num_tokens} tokens: {self.num_samples} "
+                f"sample(s) of seq_len={seq_len}, all of them held out by "
+                f"data.valid_fraction={valid_fraction}; give it more text, lower data.seq_len, "
+                "or set data.valid_fraction=0"
+            )
+
+    @property
+    def eos_id(self) -> int | None:
+        """The EOS id recorded in the sidecar; None for data without one."""
+        return None if self.meta is None else int(self.meta["eos_id"])
+
+    def sample(self, k: int) -> np.ndarray:
+        """Sample k (0 <= k < num_samples) as seq_len + 1 int64 tokens."""
+        assert 0 <= k < self.num_samples, f"sample {k} outside [0, {self.num_samples})"
+        start = k * self.seq_len
+        return np.array(self.tokens[start : start + self.seq_len + 1], dtype=np.int64)
+
+    def __repr__(self) -> str:
+        return (
+            f"TokenSource({self.prefix!r}, {self.num_tokens} tokens, "
+            f"{self.num_train} train + {self.num_valid} valid samples)"
+        )
+
+
+def _read_index(prefix: str) -> tuple[np.dtype, int, int]:
+    """(token dtype, document count, token count) from PREFIX.idx, read by megatron-core."""
+    problem = f"{prefix}.idx is not a Megatron indexed dataset index"
+    fix = "prepare the dataset again with launch/prepare_data.py"
+    # Checked here because IndexedDataset, failing on a foreign file, also fails in __del__.
+    with open(prefix + ".idx", "rb") as f:
+        if f.read(len(_INDEX_MAGIC)) != _INDEX_MAGIC:
+            raise ValueError(f"{problem} (it does not start with {_INDEX_MAGIC!r}); {fix}")
+    indexed_dataset = megatron_indexed_dataset()
+    try:
+        # mmap=False opens only the index; the .bin is mapped by the caller as one array.
+        dataset = indexed_dataset.IndexedDataset(prefix, mmap=False)
+    except (AssertionError, ValueError, struct.error) as e:
+        raise ValueError(f"{problem} ({e!r}); {fix}") from e
+    dtype = np.dtype(dataset.index.dtype)
+    num_documents = len(dataset.document_indices) - 1
+    lengths, pointers = dataset.sequence_lengths, dataset.index.sequence_pointers
+    # IndexedDatasetBuilder writes sequences back to back from byte 0 (their pointers are the
+    # running sum of lengths), so the stream ends where the last sequence does.
+    num_tokens = 0 if len(lengths) == 0 else int(pointers[-1]) // dtype.itemsize + int(lengths[-1])
+    return dtype, num_documents, num_tokens
+
+
+def _token_range(tokens: np.ndarray) -> tuple[int, int]:
+    """Smallest and largest token id, a chunk at a time so a large .bin is never all in memory."""
+    low, high = None, None
+    for start in range(0, len(tokens), _SCAN_CHUNK):
+        chunk = tokens[start : start + _SCAN_CHUNK]
+        chunk_low, chunk_high = int(chunk.min()), int(chunk.max())
+        low = chunk_low if low is None else min(low, chunk_low)
+        high = chunk_high if high is None else max(high, chunk_high)
+    assert low is not None and high is not None, "scanned an empty token stream"
+    return low, high
+
+
+def apportion(shares: np.ndarray, total: int) -> np.ndarray:
+    """Integers summing to `total`, each within one of its share of it (largest remainder)."""
+    quota = np.asarray(shares, dtype=np.float64) / np.sum(shares) * total
+    counts = np.floor(quota).astype(np.int64)
+    left = total - int(counts.sum())
+    counts[np.argsort(counts - quota, kind="stable")[:left]] += 1
+    return counts
+
+
+def blend_pattern(
+    weights: np.ndarray, length: int = BLEND_PATTERN_LEN
+) -> tuple[np.ndarray, np.ndarray]:
+    """One repetition of the blend schedule: (source of each slot, its draw number).
+
+    draw[r] counts the earlier slots of the same source, so global sample g, in repetition
+    g // P at slot r = g % P, is draw `(g // P) * count[source] + draw[r]` of its source: O(1)
+    for any g. Slots are apportioned to the weights by largest remainder (each source within
+    one slot of weight * length); a source with a positive weight too small for a slot gets one
+    anyway, so it is never starved, which lengthens the pattern by one slot per such source.
+    A source's slots are spread evenly (its k-th near (k + 1/2) / count of the way through),
+    so any window of the stream, not only whole patterns, is mixed close to the weights.
+    """
+    weights = np.asarray(weights, dtype=np.float64)
+    counts = apportion(weights, length)
+    counts[(weights > 0) & (counts == 0)] = 1
+    sources = np.repeat(np.arange(len(counts)), counts)
+    draws = np.concatenate([np.arange(c) for c in counts])
+    order = np.lexsort((sources, (draws + 0.5) / counts[sources]))
+    return sources[order], draws[order]
+
+
+class PretrainData:
+    """The training and validation samples of a blend of token sources.
+
+    Global training sample g -> (source, draw) by the blend pattern; draw d of a source ->
+    epoch d // num_train, and position d % num_train of that epoch's shuffle of its training
+    samples, a permutation seeded by (seed, source index, epoch).
+    """
+
+    def __init__(self, cfg: DataConfig, *, vocab_size: int) -> None:
+        cfg.validate()
+        self.seq_len = cfg.seq_len
+        self.seed = cfg.seed
+        self.document_mask = cfg.document_mask
+        self.sources = [
+            TokenSource(
+                path, vocab_size=vocab_size, seq_len=cfg.seq_len, valid_fraction=cfg.valid_fraction
+            )
+            for path in cfg.paths
+        ]
+        self.eos_id = _resolve_eos_id(cfg.eos_id, self.sources)
+        weights = [s.num_train for s in self.sources] if cfg.weights is None else cfg.weights
+        self.weights = np.asarray(weights, dtype=np.float64) / float(np.sum(weights))
+        self.pattern, self._pattern_draws = blend_pattern(self.weights)
+        self._pattern_counts = np.bincount(self.pattern, minlength=len(self.sources))
+        self._valid_offsets = np.cumsum([0] + [s.num_valid for s in self.sources])
+        # Two epochs per source: a step that straddles an epoch boundary needs both.
+        self._permutations: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+
+    # Training -------------------------------------------------------------------------------
+    def locate(self, g: int) -> tuple[int, int]:
+        """(source, draw): global training sample g is the draw-th sample taken from source."""
+        if g < 0:
+            raise ValueError(f"training sample index {g} must be >= 0")
+        repetition, slot = divmod(g, len(self.pattern))
+        source = int(self.pattern[slot])
+        return source, repetition * int(self._pattern_counts[source]) + int(
+            self._pattern_draws[slot]
+        )
+
+    def train_index(self, g: int) -> tuple[int, int]:
+        """(source, sample index within the source) of global training sample g."""
+        source, draw = self.locate(g)
+        epoch, position = divmod(draw, self.sources[source].num_train)
+        return source, int(self._permutation(source, epoch)[position])
+
+    def train_sample(self, g: int) -> np.ndarray:
+        """Global training sample g: seq_len + 1 int64 tokens."""
+        source, k = self.train_index(g)
+        return self.sources[source].sample(k)
+
+    def samples_drawn(self, num_samples: int) -> list[int]:
+        """How many of the first `num_samples` global samples each source provides."""
+        repetitions, slots = divmod(num_samples, len(self.pattern))
+        partial = np.bincount(self.pattern[:slots], minlength=len(self.sources))
+        return (repetitions * self._pattern_counts + partial).tolist()
+
+    def epochs(self, num_samples: int) -> list[float]:
+        """Epochs of each source that the first `num_samples` global samples amount to."""
+        drawn = self.samples_drawn(num_samples)
+        return [d / s.num_train for d, s in zip(drawn, self.sources, strict=True)]
+
+    def _permutation(self, source: int, epoch: int) -> np.ndarray:
+        key = (source, epoch)
+        if key in self._permutations:
+            self._permutations.move_to_end(key)
+            return self._permutations[key]
+        rng = np.random.default_rng([self.seed, source, epoch])
+        permutation = rng.permutation(self.sources[source].num_train)
+        self._permutations[key] = permutation
+        if len(self._permutations) > 2 * len(self.sources):
+            self._permutations.popitem(last=False)
+        return permutation
+
+    # Validation -----------------------------------------------------------------------------
+    @property
+    def num_valid_samples(self) -> int:
+        return int(self._valid_offsets[-1])
+
+    def valid_index(self, i: int) -> tuple[int, int]:
+        """(source, sample index within the source) of validation sample i: sources in order,
+        each source's held-out samples in stream order."""
+        if not 0 <= i < self.num_valid_samples:
+            raise IndexError(f"validation sample {i} outside [0, {self.num_valid_samples})")
+        source = int(np.searchsorted(self._valid_offsets, i, side="right")) - 1
+        return source, self.sources[source].num_train + i - int(self._valid_offsets[source])
+
+    def valid_sample(self, i: int) -> np.ndarray:
+        source, k = self.valid_index(i)
+        return self.sources[source].sample(k)
+
+    def micro_batch(self, rows: list[np.ndarray]) -> dict[str, torch.Tensor]:
+        """The batch dict of some samples: `tokens` (bsz, seq_len + 1) int64, and with
+        document_mask `document_ids` and `position_ids` (bsz, seq_len) of the inputs."""
+        tokens = torch.from_numpy(np.stack(rows))
+        batch = {"tokens": tokens}
+        if self.document_mask:
+            document_ids, position_ids = document_ids_from_tokens(tokens[:, :-1], self.eos_id)
+            batch["document_ids"] = document_ids
+            batch["position_ids"] = position_ids
+        return batch
+
+    def __repr__(self) -> str:
+        weights = ", ".join(f"{w:.4g}" for w in self.weights)
+        return f"PretrainData({self.sources}, weights=[{weights}], seq_len={self.seq_len})"
+
+
+def _resolve_eos_id(configured: int | None, sources: list[TokenSource]) -> int:
+    recorded = {s.eos_id for s in sources if s.eos_id is not None}
+    if len(recorded) > 1:
+        raise ValueError(
+            f"the datasets record different eos ids {sorted(recorded)}: they were tokenized "
+            "with different tokenizers; prepare them all with the model's tokenizer"
+        )
+    if configured is not None:
+        if recorded and configured not in recorded:
+            raise ValueError(
+                f"data.eos_id={configured}, but the datasets were tokenized with eos id "
+                f"{recorded.pop()}; leave data.eos_id unset to use the recorded one"
+            )
+        return configured
+    return recorded.pop() if recorded else DEFAULT_EOS_ID
+
+
+def document_ids_from_tokens(
+    inputs: torch.Tensor, eos_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(document_ids, position_ids), both shaped like `inputs` (bsz, seqlen), int64.
+
+    The token after an EOS starts a new document, whose positions restart at 0; a row starts
+    document 0 at position 0, whether or not a document truly begins there.
+    """
+    starts = torch.zeros_like(inputs, dtype=torch.bool)
+    starts[:, 1:] = inputs[:, :-1] == eos_id
+    document_ids = starts.cumsum(dim=1)
+    positions = torch.arange(inputs.shape[1], device=inputs.device).expand_as(inputs)
+    # Position of the latest document start at or before each token.
+    last_start = torch.where(starts, positions, 0).cummax(dim=1).values
+    return document_ids, positions - last_start
+
+
+class TrainLoader:
+    """Training micro-batches of one data-parallel rank, one optimizer step per `next()`.
+
+    Step s holds global samples [s * global_batch, (s + 1) * global_batch) (counted from
+    `consumed_samples`); rank r takes the contiguous slice of `global_batch // dp_size` of
+    them at offset r * global_batch // dp_size and cuts it, in order, into
+    `grad_accum` micro-batches of `micro_batch` (see `PretrainData.micro_batch` for the
+    keys). The position is global, so `state_dict()` saved at one dp size resumes at another.
+    """
+
+    def __init__(
+        self,
+        data: PretrainData,
+        *,
+        global_batch: int,
+        micro_batch: int,
+        dp_rank: int,
+        dp_size: int,
+    ) -> None:
+        for name, value in (
+            ("global_batch", global_batch),
+            ("micro_batch", micro_batch),
+            ("dp_size", dp_size),
+        ):
+            if value < 1:
+                raise ValueError(f"{name}={value} must be >= 1")
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
+        per_step = micro_batch * dp_size
+        if global_batch % per_step:
+            nearest = max(per_step, round(global_batch / per_step) * per_step)
+            raise ValueError(
+                f"global_batch={global_batch} is not divisible by micro_batch={micro_batch} x "
+                f"dp_size={dp_size} = {per_step}; every rank must run the same number of "
+                f"micro-batches: choose a global batch that is a multiple of {per_step} "
+                f"(e.g. {nearest}) or change micro_batch"
+            )
+        self.data = data
+        self.global_batch = global_batch
+        self.micro_batch = micro_batch
+        self.dp_rank = dp_rank
+        self.dp_size = dp_size
+        self.per_rank = global_batch // dp_size
+        self.grad_accum = self.per_rank // micro_batch
+        self.consumed_samples = 0
+
+    def __iter__(self) -> TrainLoader:
+        return self
+
+    def __next__(self) -> list[dict[str, torch.Tensor]]:
+        first = self.consumed_samples + self.dp_rank * self.per_rank
+        step = [
+            self.data.micro_batch(
+                [self.data.train_sample(g) for g in range(start, start + self.micro_batch)]
+            )
+            for start in range(first, first + self.per_rank, self.micro_batch)
+        ]
+        # Counted when handed out, so a checkpoint written after this step resumes after it.
+        self.consumed_samples += self.global_batch
+        return step
+
+    def state_dict(self) -> dict[str, int]:
+        return {"consumed_samples": self.consumed_samples}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        consumed = int(state["consumed_samples"])
+        if consumed < 0:
+            raise ValueError(f"consumed_samples={consumed} in the loader state must be >= 0")
+        self.consumed_samples = consumed
+
+
+class ValidLoader:
+    """Validation micro-batches of one data-parallel rank, in a fixed order.
+
+    Batch b holds validation samples [b * micro_batch * dp_size, (b + 1) * ...), rank r the
+    r-th run of `micro_batch` of them. Every rank yields the same number of batches (with
+    FSDP each forward is collective); rows past the end repeat a real sample and have
+    `sample_mask` False (a (micro_batch,) bool tensor, next to the `PretrainData.micro_batch`
+    keys), so a loss summed over the mask and all ranks covers each sample exactly once.
+    `max_samples` evaluates a fixed subset: each source's first held-out samples, in
+    proportion to how many it has.
+    """
+
+    def __init__(
+        self,
+        data: PretrainData,
+        *,
+        micro_batch: int,
+        dp_rank: int,
+        dp_size: int,
+        max_samples: int | None = None,
+    ) -> None:
+        if micro_batch < 1 or dp_size < 1:
+            raise ValueError(f"micro_batch={micro_batch} and dp_size={dp_size} must be >= 1")
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
+        if max_samples is not None and max_samples < 1:
+            raise ValueError(f"max_samples={max_samples} must be >= 1, or None for all")
+        self.data = data
+        self.micro_batch = micro_batch
+        self.dp_rank = dp_rank
+        self.dp_size = dp_size
+        available = np.array([s.num_valid for s in data.sources], dtype=np.int64)
+        offsets = np.cumsum(available) - available
+        taken = available
+        if max_samples is not None and max_samples < available.sum():
+            taken = apportion(available, max_samples)
+        # Global validation indices (see PretrainData.valid_index) of the samples evaluated.
+        self.indices = np.concatenate(
+            [np.arange(n, dtype=np.int64) + o for n, o in zip(taken, offsets, strict=True)]
+        )
+        self.num_batches = math.ceil(len(self.indices) / (micro_batch * dp_size))
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        num = len(self.indices)
+        for b in range(self.num_batches):
+            start = (b * self.dp_size + self.dp_rank) * self.micro_batch
+            positions = np.arange(start, start + self.micro_batch)
+            real = positions < num
+            rows = [
+                self.data.valid_sample(int(self.indices[p if ok else 0]))
+                for p, ok in zip(positions, real, strict=True)
+            ]
+            batch = self.data.micro_batch(rows)
+            batch["sample_mask"] = torch.from_numpy(real)
+            yield batch

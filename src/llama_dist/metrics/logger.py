@@ -1,0 +1,129 @@
+"""Where training metrics go: the console (a progress bar on rank 0), `metrics.jsonl` in the
+run folder, and wandb (offline unless the user is logged in)."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak memory of this process: the CUDA allocator's peak on GPUs, peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def _wandb_logged_in() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path.home() / ".netrc"
+    return netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+class MetricsLogger:
+    """Rank 0 writes; other ranks hold a logger that does nothing."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        enabled: bool,
+        total_steps: int,
+        start_step: int,
+        use_wandb: bool,
+        wandb_project: str,
+        config: dict[str, Any],
+    ) -> None:
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._bar = None
+        self._wandb = None
+        if not enabled:
+            return
+        self._bar = tqdm(
+            total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True
+        )
+        if use_wandb:
+            import wandb
+
+            mode = os.environ.get("WANDB_MODE") or ("online" if _wandb_logged_in() else "offline")
+            self._wandb = wandb.init(
+                project=wandb_project,
+                dir=str(run_dir),
+                config=config,
+                mode=mode,
+                name=Path(run_dir).name,
+                resume="allow",
+            )
+
+    def advance(self, step: int) -> None:
+        if self._bar is not None:
+            self._bar.n = step
+            self._bar.refresh()
+
+    def log(self, step: int, metrics: dict[str, float], *, kind: str = "train") -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "kind": kind, "time": time.time(), **metrics}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        shown = " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items())
+        if self._bar is not None:
+            self._bar.write(f"[{kind} step {step}] {shown}")
+        if self._wandb is not None:
+            self._wandb.log({f"{kind}/{k}": v for k, v in metrics.items()}, step=step)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _fmt(value: float) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_loss_curve(run_dir: Path) -> Path | None:
+    """Train and validation loss against step, as `loss_curve.png` in the run folder."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(run_dir)
+    train = [(r["step"], r["loss"]) for r in records if r["kind"] == "train" and "loss" in r]
+    valid = [(r["step"], r["loss"]) for r in records if r["kind"] == "valid" and "loss" in r]
+    if not train:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(*zip(*train, strict=True), label="train loss", linewidth=1.2)
+    if valid:
+        ax.plot(*zip(*valid, strict=True), "o-", label="validation loss", linewidth=1.5)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross entropy (nats/token)")
+    ax.set_title(f"{Path(run_dir).name}: loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    out = Path(run_dir) / "loss_curve.png"
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

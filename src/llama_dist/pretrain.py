@@ -1,0 +1,249 @@
+"""The pretraining loop: build, resume, train, evaluate, checkpoint, sample."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+from llama_dist.checkpoint import CheckpointManager, ModelState, OptimizerState
+from llama_dist.config import JobConfig, validate_job
+from llama_dist.data.indexed import PretrainData, TrainLoader, ValidLoader
+from llama_dist.lr_schedule import build_lr_scheduler
+from llama_dist.metrics.logger import MetricsLogger, peak_memory_gib, plot_loss_curve
+from llama_dist.metrics.mfu import peak_flops
+from llama_dist.models.flops import flops_per_token
+from llama_dist.parallel import (
+    build_adamw,
+    build_llama,
+    build_mesh,
+    dp_rank_and_size,
+    init_distributed,
+)
+from llama_dist.tokenizer import Tokenizer
+from llama_dist.training import (
+    StopSignal,
+    Throughput,
+    TrainState,
+    clip_and_check,
+    evaluate,
+    forward_backward,
+)
+
+log = logging.getLogger("llama_dist.pretrain")
+
+# Fault injection for the restart tests: rank FAULT_RANK kills itself with SIGKILL after
+# step FAULT_STEP on the first attempt, as a crashed node would.
+FAULT_STEP_ENV, FAULT_RANK_ENV = "LLAMA_DIST_FAULT_KILL_STEP", "LLAMA_DIST_FAULT_KILL_RANK"
+
+
+def check_tokenizer(cfg: JobConfig, vocab_size: int) -> Tokenizer | None:
+    if cfg.tokenizer is None:
+        return None
+    tokenizer = Tokenizer(cfg.tokenizer)
+    if tokenizer.vocab_size > vocab_size:
+        raise ValueError(
+            f"tokenizer {cfg.tokenizer} has {tokenizer.vocab_size} pieces but model.vocab_size"
+            f"={vocab_size}; set model.vocab_size={tokenizer.vocab_size}"
+        )
+    return tokenizer
+
+
+def _peak(device: torch.device, override_tflops: float | None) -> float | None:
+    if override_tflops is not None:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None  # no table entry for CPUs; MFU is logged once a peak is given
+    return peak_flops(torch.cuda.get_device_name(device))
+
+
+def pretrain(cfg: JobConfig, run_dir: Path) -> TrainState:
+    """Run (or resume) pretraining into `run_dir`; every rank calls this."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    model_cfg = validate_job(cfg, world_size)  # before any process group or model exists
+    data = PretrainData(cfg.data, vocab_size=model_cfg.vocab_size)
+    tokenizer = check_tokenizer(cfg, model_cfg.vocab_size)
+
+    device = init_distributed(device=cfg.train.device)
+    rank = dist.get_rank()
+    run_dir = Path(run_dir)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
+    dist.barrier()
+
+    mesh = build_mesh(cfg.parallel, device=device.type)
+    dp_rank, dp_size = dp_rank_and_size(mesh)
+    loader = TrainLoader(
+        data,
+        global_batch=cfg.train.global_batch,
+        micro_batch=cfg.train.micro_batch,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+    )
+    model = build_llama(model_cfg, cfg.parallel, mesh, device=device, seed=cfg.train.seed)
+    o = cfg.optim
+    optimizer = build_adamw(
+        model,
+        lr=o.lr,
+        betas=(o.beta1, o.beta2),
+        eps=o.eps,
+        weight_decay=o.weight_decay,
+        decay_norms=o.decay_norms,
+        implementation=o.implementation,
+    )
+    scheduler = build_lr_scheduler(
+        optimizer,
+        warmup_steps=o.warmup_steps,
+        total_steps=cfg.train.steps,
+        min_ratio=o.min_lr_ratio,
+    )
+    state = TrainState()
+    checkpoints = CheckpointManager(
+        run_dir / cfg.checkpoint.folder,
+        keep_last=cfg.checkpoint.keep_last,
+        async_save=cfg.checkpoint.async_save,
+        model_config=model_cfg,
+    )
+    states = {
+        "model": ModelState(model),
+        "optimizer": OptimizerState(model, optimizer),
+        "scheduler": scheduler,
+        "dataloader": loader,
+        "train": state,
+    }
+
+    latest = checkpoints.latest() if cfg.checkpoint.resume == "auto" else None
+    if latest is not None:
+        checkpoints.load(latest, states)
+        log.info("resumed from %s at step %d", latest, state.step)
+    elif cfg.checkpoint.init_from:
+        checkpoints.load(Path(cfg.checkpoint.init_from), {"model": ModelState(model)})
+        log.info("initialised weights from %s", cfg.checkpoint.init_from)
+
+    metrics = MetricsLogger(
+        run_dir,
+        enabled=rank == 0,
+        total_steps=cfg.train.steps,
+        start_step=state.step,
+        use_wandb=cfg.train.wandb,
+        wandb_project=cfg.train.wandb_project,
+        config=OmegaConf.to_container(OmegaConf.structured(cfg)),
+    )
+    eval_samples = cfg.train.eval_batches * cfg.train.micro_batch * dp_size or None
+    valid_loader = ValidLoader(
+        data,
+        micro_batch=cfg.train.micro_batch,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+        max_samples=eval_samples,
+    )
+    tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
+    throughput = Throughput(
+        flops_per_token=flops_per_token(model_cfg, cfg.data.seq_len),
+        num_devices=world_size,
+        peak=_peak(device, cfg.train.peak_tflops),
+    )
+    stop = StopSignal()
+    fault_step = int(os.environ.get(FAULT_STEP_ENV, "0"))
+    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+    params = list(model.parameters())
+    nonfinite_in_a_row = 0
+    batches = iter(loader)
+    last_saved = state.step if latest is not None else -1
+    try:
+        while state.step < cfg.train.steps:
+            micro_batches = next(batches)
+            loss = forward_backward(model, micro_batches, parallel=cfg.parallel, device=device)
+            grad_norm, finite = clip_and_check(params, o.clip_grad_norm)
+            state.step += 1
+            state.tokens_seen += tokens_per_step
+            if torch.isfinite(loss) and finite:
+                optimizer.step()
+                nonfinite_in_a_row = 0
+            else:
+                state.skipped_steps += 1
+                nonfinite_in_a_row += 1
+                log.warning("step %d: non-finite loss or gradient norm; step skipped", state.step)
+                if nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
+                    raise RuntimeError(
+                        f"{nonfinite_in_a_row} steps in a row had a non-finite loss or "
+                        f"gradient norm (step {state.step}); lower optim.lr, check the data, "
+                        "or resume from an earlier checkpoint"
+                    )
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            throughput.add(tokens_per_step)
+            metrics.advance(state.step)
+
+            if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
+                metrics.log(
+                    state.step,
+                    {
+                        "loss": loss.item(),
+                        "lr": scheduler.get_last_lr()[0],
+                        "grad_norm": grad_norm,
+                        **throughput.report(),
+                        "peak_memory_gib": peak_memory_gib(device),
+                        "skipped_steps": state.skipped_steps,
+                    },
+                )
+            done = state.step == cfg.train.steps
+            if (cfg.train.eval_every and state.step % cfg.train.eval_every == 0) or done:
+                result = evaluate(model, valid_loader, parallel=cfg.parallel, device=device)
+                metrics.log(state.step, result, kind="valid")
+
+            stopping = stop.should_stop(device) or state.step == cfg.train.stop_after
+            if state.step % cfg.checkpoint.every == 0 or done or stopping:
+                checkpoints.save(state.step, states)
+                last_saved = state.step
+            if fault_step and first_attempt and state.step == fault_step:
+                if rank == int(os.environ.get(FAULT_RANK_ENV, "0")):
+                    checkpoints.wait()
+                    os.kill(os.getpid(), 9)
+            if stopping:
+                log.warning("stopping after step %d on request (checkpoint saved)", state.step)
+                break
+    finally:
+        checkpoints.close()
+        stop.restore()
+        metrics.close()
+
+    if rank == 0:
+        plot_loss_curve(run_dir)
+    if state.step == cfg.train.steps and tokenizer is not None and last_saved == state.step:
+        if rank == 0:
+            write_samples(cfg, run_dir, checkpoints.latest(), tokenizer)
+    dist.barrier()
+    return state
+
+
+def write_samples(cfg: JobConfig, run_dir: Path, checkpoint: Path, tokenizer: Tokenizer) -> None:
+    """Sample from the final checkpoint on one process (a plain, unsharded model)."""
+    from llama_dist.generate import generate, load_for_generation
+
+    model, _ = load_for_generation(checkpoint, device=torch.device("cpu"), dtype=torch.float32)
+    s = cfg.sample
+    prompts = [tokenizer.encode(p, bos=True) for p in s.prompts]
+    outputs = generate(
+        model,
+        prompts,
+        max_new_tokens=s.max_new_tokens,
+        temperature=s.temperature,
+        top_p=s.top_p,
+        eos_id=tokenizer.eos_id,
+        generator=torch.Generator().manual_seed(cfg.train.seed),
+    )
+    lines = []
+    for prompt, out in zip(s.prompts, outputs, strict=True):
+        lines.append(f"--- prompt: {prompt!r}\n{prompt}{tokenizer.decode(out)}\n")
+    text = "\n".join(lines)
+    (run_dir / "samples.txt").write_text(text)
+    print(f"samples from {checkpoint}:\n{text}", flush=True)
+
+
+__all__ = ["pretrain"]

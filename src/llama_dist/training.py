@@ -1,0 +1,190 @@
+"""Parts every training loop shares: the accumulation step, evaluation, throughput, signals.
+
+Loops (pretraining now; SFT, reward modelling, PPO later) stay thin and readable by calling
+these rather than inheriting from a base trainer.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from llama_dist.losses import cross_entropy_loss
+from llama_dist.metrics.mfu import mfu
+from llama_dist.parallel import clip_grad_norm_, loss_context, set_gradient_sync
+from llama_dist.parallel.config import ParallelConfig
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def world_mean(value: torch.Tensor) -> torch.Tensor:
+    """Mean over all ranks. Tensor-parallel ranks hold equal values, so this is the mean
+    over data-parallel ranks too."""
+    value = value.detach().float().clone()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(value)
+        value /= dist.get_world_size()
+    return value
+
+
+def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> tuple:
+    """(inputs, labels, forward kwargs) of a batch of `seq_len + 1` token windows."""
+    tokens = batch["tokens"].to(device, non_blocking=True)
+    kwargs = {
+        k: batch[k].to(device, non_blocking=True)
+        for k in ("document_ids", "position_ids")
+        if k in batch
+    }
+    return tokens[:, :-1], tokens[:, 1:], kwargs
+
+
+def forward_backward(
+    model: nn.Module,
+    micro_batches: list[dict[str, torch.Tensor]],
+    *,
+    parallel: ParallelConfig,
+    device: torch.device,
+    loss_fn: Callable = cross_entropy_loss,
+) -> torch.Tensor:
+    """Accumulate gradients over the micro-batches of one optimizer step; returns the mean
+    loss over all ranks. Gradients are reduced across data-parallel ranks on the last
+    micro-batch only."""
+    total = torch.zeros((), device=device)
+    accum = len(micro_batches)
+    for i, batch in enumerate(micro_batches):
+        set_gradient_sync(model, i == accum - 1)
+        inputs, labels, kwargs = model_inputs(batch, device)
+        with loss_context(parallel):
+            loss = loss_fn(model(inputs, **kwargs), labels) / accum
+            loss.backward()
+        total += _local(loss).detach()
+    return world_mean(total)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    *,
+    parallel: ParallelConfig,
+    device: torch.device,
+) -> dict[str, float]:
+    """Mean validation loss and perplexity over `batches` (this rank's share) and all ranks.
+
+    A batch's `sample_mask` marks filler rows (repeats that keep every rank's batch count
+    equal); they run, since forward is collective under FSDP, but do not count.
+    """
+    model.eval()
+    total = torch.zeros((), device=device)
+    count = torch.zeros((), device=device)
+    for batch in batches:
+        inputs, labels, kwargs = model_inputs(batch, device)
+        with loss_context(parallel):
+            per_token = cross_entropy_loss(model(inputs, **kwargs), labels, reduction="none")
+        per_token = _local(per_token).float().view(labels.shape)
+        rows = batch.get("sample_mask", torch.ones(labels.shape[0], dtype=torch.bool))
+        rows = rows.to(device)
+        total += per_token[rows].sum()
+        count += rows.sum() * labels.shape[1]
+    model.train()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        # Tensor-parallel ranks add the same sums to both, so the ratio is unchanged.
+        dist.all_reduce(total)
+        dist.all_reduce(count)
+    loss = (total / count.clamp(min=1)).item()
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+def clip_and_check(parameters: list[nn.Parameter], max_norm: float) -> tuple[float, bool]:
+    """Clip gradients; returns (global norm, whether it is finite)."""
+    norm = clip_grad_norm_(parameters, max_norm).item()
+    return norm, math.isfinite(norm)
+
+
+@dataclass
+class TrainState:
+    """Loop counters saved in checkpoints (a `Stateful`)."""
+
+    step: int = 0
+    skipped_steps: int = 0  # steps whose loss or gradient norm was not finite
+    tokens_seen: int = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {
+            "step": self.step,
+            "skipped_steps": self.skipped_steps,
+            "tokens_seen": self.tokens_seen,
+        }
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.step = int(state["step"])
+        self.skipped_steps = int(state["skipped_steps"])
+        self.tokens_seen = int(state["tokens_seen"])
+
+
+class StopSignal:
+    """Remembers SIGTERM (sent by torchrun, Slurm or a scheduler before killing the job) so
+    the loop can checkpoint at the end of the step and exit cleanly. Ranks agree through
+    `should_stop`, since the signal may reach them at different steps."""
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1)) -> None:
+        self.received: int | None = None
+        self._previous = {s: signal.signal(s, self._handle) for s in signals}
+
+    def _handle(self, signum, _frame) -> None:
+        self.received = signum
+
+    def should_stop(self, device: torch.device) -> bool:
+        flag = torch.tensor(float(self.received is not None), device=device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+class Throughput:
+    """Tokens/s, TFLOP/s and MFU over the steps since the last report."""
+
+    def __init__(self, *, flops_per_token: int, num_devices: int, peak: float | None) -> None:
+        self.flops_per_token = flops_per_token
+        self.num_devices = num_devices
+        self.peak = peak
+        self._start = time.perf_counter()
+        self._tokens = 0
+        self._steps = 0
+
+    def add(self, tokens: int) -> None:
+        self._tokens += tokens
+        self._steps += 1
+
+    def report(self) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self._start, 1e-9)
+        tps = self._tokens / elapsed
+        out = {
+            "tokens_per_s": tps,
+            "tokens_per_s_per_device": tps / self.num_devices,
+            "tflops_per_device": tps * self.flops_per_token / self.num_devices / 1e12,
+            "step_time_s": elapsed / max(self._steps, 1),
+        }
+        if self.peak is not None:
+            out["mfu"] = mfu(
+                tokens_per_s=tps,
+                flops_per_token=self.flops_per_token,
+                num_devices=self.num_devices,
+                peak=self.peak,
+            )
+        self._start, self._tokens, self._steps = time.perf_counter(), 0, 0
+        return out
