@@ -285,6 +285,43 @@ def prepare_data(
     return meta
 
 
+def write_token_dataset(
+    out_prefix: str | os.PathLike[str],
+    documents: Sequence[Sequence[int]],
+    *,
+    vocab_size: int,
+    eos_id: int = 2,
+    bos_id: int = 1,
+) -> dict[str, Any]:
+    """Write already tokenized documents (each ending as the caller wants, e.g. with eos) as
+    `out_prefix`.bin/.idx/.meta.json; returns the sidecar's contents."""
+    import torch
+
+    indexed_dataset = megatron_indexed_dataset()
+    dtype = indexed_dataset.DType.optimal_dtype(vocab_size)
+    builder = indexed_dataset.IndexedDatasetBuilder(f"{out_prefix}.bin", dtype=dtype)
+    num_tokens, max_token_id = 0, -1
+    for doc in documents:
+        builder.add_item(torch.as_tensor(doc, dtype=torch.int64))
+        builder.end_document()
+        num_tokens += len(doc)
+        max_token_id = max(max_token_id, max(doc, default=-1))
+    builder.finalize(f"{out_prefix}.idx")
+    meta = {
+        "vocab_size": vocab_size,
+        "eos_id": eos_id,
+        "bos_id": bos_id,
+        "bos": False,
+        "num_documents": len(documents),
+        "num_tokens": num_tokens,
+        "max_token_id": max_token_id,
+        "dtype": np.dtype(dtype).name,
+        "tokenizer": None,
+    }
+    meta_path(out_prefix).write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
 @contextlib.contextmanager
 def _encoded(
     documents: Iterator[tuple[str, int]], tokenizer_path: str, *, bos: bool, workers: int
