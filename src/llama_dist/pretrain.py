@@ -10,7 +10,12 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from llama_dist.checkpoint import CheckpointManager, ModelState, OptimizerState
+from llama_dist.checkpoint import (
+    CheckpointManager,
+    ModelState,
+    OptimizerState,
+    check_checkpoint,
+)
 from llama_dist.config import JobConfig, validate_job
 from llama_dist.data.indexed import PretrainData, TrainLoader, ValidLoader
 from llama_dist.lr_schedule import build_lr_scheduler
@@ -67,6 +72,8 @@ def pretrain(cfg: JobConfig, run_dir: Path) -> TrainState:
     model_cfg = validate_job(cfg, world_size)  # before any process group or model exists
     data = PretrainData(cfg.data, vocab_size=model_cfg.vocab_size)
     tokenizer = check_tokenizer(cfg, model_cfg.vocab_size)
+    if cfg.checkpoint.init_from:
+        check_checkpoint(cfg.checkpoint.init_from, model_cfg)
 
     device = init_distributed(device=cfg.train.device)
     rank = dist.get_rank()

@@ -4,6 +4,7 @@ from llama_dist.checkpoint.manager import (
     CheckpointManager,
     ModelState,
     OptimizerState,
+    check_checkpoint,
     rng_state,
     set_rng_state,
 )
@@ -21,6 +22,7 @@ __all__ = [
     "CheckpointManager",
     "ModelState",
     "OptimizerState",
+    "check_checkpoint",
     "find_checkpoint",
     "load_model_checkpoint",
     "rng_state",

@@ -365,8 +365,7 @@ class CheckpointManager:
         checkpoint, was saved for another model shape, or lacks one of the entries.
         """
         self.wait()
-        folder = find_checkpoint(path)
-        self._check_model_config(folder)
+        folder = check_checkpoint(path, self.model_config)
         stored = dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
         missing = [key for key in states if not _holds(stored, key)]
         if missing:
@@ -404,21 +403,29 @@ class CheckpointManager:
             logger.info("loaded checkpoint %s in %.1f s", folder, time.perf_counter() - started)
         return folder
 
-    def _check_model_config(self, folder: Path) -> None:
-        config_path = folder / MODEL_CONFIG_FILE
-        if not config_path.is_file():
-            raise ValueError(
-                f"{folder} is not a complete llama_dist checkpoint: it has no "
-                f"{MODEL_CONFIG_FILE}; point at a checkpoint written by llama_dist"
-            )
-        saved = model_shape(LlamaConfig.from_dict(json.loads(config_path.read_text())))
-        current = model_shape(self.model_config)
-        differing = [name for name in _SHAPE_FIELDS if saved[name] != current[name]]
-        if differing:
-            details = ", ".join(
-                f"{name}={saved[name]} (this model: {current[name]})" for name in differing
-            )
-            raise ValueError(
-                f"{folder} holds a model of another shape: {details}; set the model config to "
-                "the checkpoint's shape, or load a checkpoint of this model"
-            )
+
+def check_checkpoint(path: str | os.PathLike, model_config: LlamaConfig) -> Path:
+    """The complete checkpoint folder `path` names, if it holds a model of this shape.
+
+    Rotary settings and max_seq_len may differ: they are not parameters. Reads only
+    `model_config.json`, so jobs call it before any heavy work.
+    """
+    folder = find_checkpoint(path)
+    config_path = folder / MODEL_CONFIG_FILE
+    if not config_path.is_file():
+        raise ValueError(
+            f"{folder} is not a complete llama_dist checkpoint: it has no "
+            f"{MODEL_CONFIG_FILE}; point at a checkpoint written by llama_dist"
+        )
+    saved = model_shape(LlamaConfig.from_dict(json.loads(config_path.read_text())))
+    current = model_shape(model_config)
+    differing = [name for name in _SHAPE_FIELDS if saved[name] != current[name]]
+    if differing:
+        details = ", ".join(
+            f"{name}={saved[name]} (this model: {current[name]})" for name in differing
+        )
+        raise ValueError(
+            f"{folder} holds a model of another shape: {details}; set the model config to "
+            "the checkpoint's shape, or load a checkpoint of this model"
+        )
+    return folder
