@@ -242,16 +242,39 @@ def run(args: argparse.Namespace) -> list[tuple[str, str]]:
     else:
         prompts = [tokenizer.encode(text, bos=True) for text in args.prompt]
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
-    outputs = generate(
+    continuations = complete(
         model,
+        tokenizer,
         prompts,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_p=args.top_p,
+        generator=generator,
+    )
+    return list(zip(args.prompt, continuations, strict=True))
+
+
+def complete(
+    model: Llama,
+    tokenizer: Tokenizer,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    generator: torch.Generator | None = None,
+) -> list[str]:
+    """The decoded continuation of each tokenized prompt, stopping at the tokenizer's eos."""
+    outputs = generate(
+        model,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
         eos_id=tokenizer.eos_id,
         generator=generator,
     )
-    return [(text, tokenizer.decode(ids)) for text, ids in zip(args.prompt, outputs, strict=True)]
+    return [tokenizer.decode(ids) for ids in outputs]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

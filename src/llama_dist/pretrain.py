@@ -18,6 +18,7 @@ from llama_dist.checkpoint import (
 )
 from llama_dist.config import JobConfig, validate_job
 from llama_dist.data.indexed import PretrainData, TrainLoader, ValidLoader
+from llama_dist.generate import complete, load_for_generation
 from llama_dist.lr_schedule import build_lr_scheduler
 from llama_dist.metrics.logger import MetricsLogger, peak_memory_gib, plot_loss_curve
 from llama_dist.metrics.mfu import peak_flops
@@ -163,6 +164,9 @@ def pretrain(cfg: JobConfig, run_dir: Path) -> TrainState:
     batches = iter(loader)
     last_saved = state.step if latest is not None else -1
     try:
+        if state.step == 0:  # the starting point of the validation curve
+            result = evaluate(model, valid_loader, parallel=cfg.parallel, device=device)
+            metrics.log(0, result, kind="valid")
         while state.step < cfg.train.steps:
             micro_batches = next(batches)
             loss = forward_backward(model, micro_batches, parallel=cfg.parallel, device=device)
@@ -231,24 +235,20 @@ def pretrain(cfg: JobConfig, run_dir: Path) -> TrainState:
 
 def write_samples(cfg: JobConfig, run_dir: Path, checkpoint: Path, tokenizer: Tokenizer) -> None:
     """Sample from the final checkpoint on one process (a plain, unsharded model)."""
-    from llama_dist.generate import generate, load_for_generation
-
     model, _ = load_for_generation(checkpoint, device=torch.device("cpu"), dtype=torch.float32)
     s = cfg.sample
-    prompts = [tokenizer.encode(p, bos=True) for p in s.prompts]
-    outputs = generate(
+    continuations = complete(
         model,
-        prompts,
+        tokenizer,
+        [tokenizer.encode(p, bos=True) for p in s.prompts],
         max_new_tokens=s.max_new_tokens,
         temperature=s.temperature,
         top_p=s.top_p,
-        eos_id=tokenizer.eos_id,
         generator=torch.Generator().manual_seed(cfg.train.seed),
     )
-    lines = []
-    for prompt, out in zip(s.prompts, outputs, strict=True):
-        lines.append(f"--- prompt: {prompt!r}\n{prompt}{tokenizer.decode(out)}\n")
-    text = "\n".join(lines)
+    text = "\n".join(
+        f"--- prompt: {p!r}\n{p}{c}\n" for p, c in zip(s.prompts, continuations, strict=True)
+    )
     (run_dir / "samples.txt").write_text(text)
     print(f"samples from {checkpoint}:\n{text}", flush=True)
 

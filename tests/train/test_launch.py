@@ -16,6 +16,7 @@ import pytest
 import torch
 from pretrain_helpers import ROOT, train_losses, write_corpus
 
+from llama_dist.metrics.logger import read_metrics
 from llama_dist.pretrain import FAULT_RANK_ENV, FAULT_STEP_ENV
 from llama_dist.tokenizer import train_tokenizer
 
@@ -121,10 +122,9 @@ def test_end_to_end_sigterm_checkpoints_then_resume_samples_and_export(text_corp
     losses = train_losses(run_dir)
     assert sorted(losses) == list(range(1, 61))
     assert losses[60] < losses[1] - 1.0
-    records = [
-        line for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"valid"' in line
-    ]
-    assert len(records) >= 2  # validation at step 30 and at the end
+    valid = {r["step"]: r["loss"] for r in read_metrics(run_dir) if r["kind"] == "valid"}
+    assert {0, 30, 60} <= set(valid)  # before training, every 30 steps, and at the end
+    assert valid[60] < valid[0] - 1.0
     for name in ("config.yaml", "loss_curve.png", "samples.txt"):
         assert (run_dir / name).stat().st_size > 0, name
     assert "prompt" in (run_dir / "samples.txt").read_text()

@@ -38,12 +38,31 @@ def init_distributed(*, device: str = "auto", timeout_s: float = 600.0) -> torch
         os.environ.setdefault("MASTER_PORT", "29500")
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
+        timeout = datetime.timedelta(seconds=timeout_s)
         dist.init_process_group(
             backend="nccl" if on_gpu else "gloo",
-            timeout=datetime.timedelta(seconds=timeout_s),
+            timeout=timeout,
             device_id=device if on_gpu else None,
+            **_restart_safe_store(timeout),
         )
     return device
+
+
+def _restart_safe_store(timeout: datetime.timedelta) -> dict:
+    """Under torchrun the workers share the agent's store, which outlives a restart together
+    with the previous attempt's keys: a new rank can read a dead peer's address and fail to
+    connect. Each attempt gets its own key namespace."""
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    base = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout
+    )
+    return {
+        "store": dist.PrefixStore(f"llama_dist/attempt{restart}", base),
+        "rank": int(os.environ["RANK"]),
+        "world_size": int(os.environ["WORLD_SIZE"]),
+    }
 
 
 def build_mesh(cfg: ParallelConfig, *, device: str | None = None) -> DeviceMesh:

@@ -5,9 +5,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.distributed.tensor.parallel import loss_parallel
 
@@ -96,11 +94,6 @@ def build_llama(
     model.to_empty(device=device)
     init_weights_parallel(model, seed)
     return model
-
-
-def fsdp_groups(model: nn.Module) -> list[nn.Module]:
-    """The modules FSDP sharded, in forward order (for prefetch tests and accounting)."""
-    return [m for m in model.modules() if isinstance(m, FSDPModule) and m is not model]
 
 
 def loss_context(cfg: ParallelConfig):
