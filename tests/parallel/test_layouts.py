@@ -67,6 +67,10 @@ def run_layouts(layouts: dict[str, ParallelConfig], data: torch.Tensor, with_bf1
             results[name, accum] = train_steps(MODEL, cfg, data, grad_accum=accum, **TRAIN)
     if with_bf16:
         results["bf16", 1] = train_steps(MODEL, BF16, data, **TRAIN)
+        for name in ("fsdp2", "tp2_sp"):
+            results[f"{name}_fused_adamw", 1] = train_steps(
+                MODEL, LAYOUTS_2[name], data, adamw="fused", **TRAIN
+            )
     return results
 
 
@@ -119,6 +123,11 @@ def test_two_rank_layout_matches_single_process(results_2, reference, layout, ac
 @pytest.mark.parametrize("layout", sorted(LAYOUTS_4))
 def test_four_rank_layout_matches_single_process(results_4, reference, layout, accum):
     assert_matches(results_4[layout, accum], reference)
+
+
+@pytest.mark.parametrize("layout", ["fsdp2_fused_adamw", "tp2_sp_fused_adamw"])
+def test_fused_adamw_over_sharded_parameters(results_2, reference, layout):
+    assert_matches(results_2[layout, 1], reference)
 
 
 def test_bf16_mixed_precision_stays_close(results_2, reference):

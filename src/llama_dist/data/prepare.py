@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import multiprocessing
 import os
 import re
@@ -48,8 +49,12 @@ def megatron_indexed_dataset() -> ModuleType:
 
     Importing megatron.core takes seconds and warns that Transformer Engine and apex are
     missing; the indexed dataset code uses neither, so the import waits until a dataset is
-    read or written and its warnings are dropped.
+    read or written and its warnings are dropped. Its INFO logs (on import, and a line per
+    index read) are quieted too, unless the caller set the "megatron" logger's level.
     """
+    megatron_log = logging.getLogger("megatron")
+    if megatron_log.level == logging.NOTSET:
+        megatron_log.setLevel(logging.WARNING)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from megatron.core.datasets import indexed_dataset

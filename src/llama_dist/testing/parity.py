@@ -37,10 +37,12 @@ def train_steps(
     lr: float = 1e-3,
     max_norm: float = 1.0,
     seed: int = 0,
+    adamw: str = "auto",
 ) -> dict:
     """batches: (steps, global_batch, seq_len + 1) token ids; each step sees one global batch,
     split over data-parallel ranks and then into `grad_accum` micro-batches.
-    `parallel_cfg=None` runs the plain single-process model."""
+    `parallel_cfg=None` runs the plain single-process model; `adamw` is the AdamW
+    implementation (auto, fused, foreach, for-loop)."""
     if parallel_cfg is None:
         mesh, (dp_rank, dp_size) = None, (0, 1)
         parallel_cfg = ParallelConfig(dp_shard=1)
@@ -49,7 +51,7 @@ def train_steps(
         mesh = build_mesh(parallel_cfg)
         dp_rank, dp_size = dp_rank_and_size(mesh)
     model = build_llama(model_cfg, parallel_cfg, mesh, device=torch.device("cpu"), seed=seed)
-    optimizer = build_adamw(model, lr=lr)
+    optimizer = build_adamw(model, lr=lr, implementation=adamw)
 
     losses, grad_norms, first_grads = [], [], {}
     for step, batch in enumerate(batches):
