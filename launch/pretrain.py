@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import hydra
+import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
@@ -28,6 +29,9 @@ def main(cfg: DictConfig) -> None:
     except ValueError as e:
         print(f"pretrain: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

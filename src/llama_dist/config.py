@@ -58,10 +58,16 @@ class ModelConfig:
         }
         overrides.pop("rope_scaling", None)
         base = get_preset(self.preset)
-        if self.rope_scaling is not None or self.rope_factor is not None:
+        if self.rope_factor is not None and self.rope_scaling != "linear":
+            raise ValueError(
+                f"model.rope_factor={self.rope_factor} has no effect without "
+                "model.rope_scaling=linear; set both"
+            )
+        if self.rope_scaling == "linear" and self.rope_factor is None:
+            raise ValueError("model.rope_scaling=linear needs model.rope_factor (e.g. 2.0)")
+        if self.rope_scaling is not None:
             overrides["rope_scaling"] = RopeScaling(
-                kind=self.rope_scaling or base.rope_scaling.kind,
-                factor=self.rope_factor if self.rope_factor is not None else 1.0,
+                kind=self.rope_scaling, factor=self.rope_factor or 1.0
             )
         return base.replace(**overrides)
 
@@ -89,7 +95,7 @@ class TrainConfig:
     steps: int = 1000  # optimizer steps in total (a resumed run continues to this)
     global_batch_tokens: int = 4_194_304  # tokens per optimizer step, over all ranks
     micro_batch: int = 1  # sequences per rank per forward/backward
-    seed: int = 0  # model init and data order
+    seed: int = 0  # model initialisation and sampling (the data order has data.seed)
     log_every: int = 10
     eval_every: int = 200  # validation loss/perplexity every N steps (0: only at the end)
     eval_batches: int = 20  # validation micro-batches per rank per evaluation (0: all)
@@ -150,7 +156,8 @@ def to_job_config(cfg: Any) -> JobConfig:
 def validate_job(cfg: JobConfig, world_size: int) -> LlamaConfig:
     """Check the whole job and fill derived values; returns the model config.
 
-    Pure: no files are read and no process group is needed, so every rank runs it first.
+    Reads no files and needs no process group, so every rank runs it first; it fills the
+    derived fields of `cfg` in place.
     """
     model = cfg.model.build()
     seq_len = cfg.data.seq_len
@@ -195,6 +202,14 @@ def validate_job(cfg: JobConfig, world_size: int) -> LlamaConfig:
             f"optim.warmup_steps={o.warmup_steps} must be in [0, train.steps={t.steps}); "
             "lower the warmup for a short run"
         )
+    sample = cfg.sample
+    if sample.max_new_tokens < 1 or sample.temperature < 0 or not 0 < sample.top_p <= 1:
+        raise ValueError(
+            "sample: max_new_tokens must be >= 1, temperature >= 0 and top_p in (0, 1]; got "
+            f"{sample.max_new_tokens}, {sample.temperature}, {sample.top_p}"
+        )
+    if cfg.checkpoint.keep_last is not None and cfg.checkpoint.keep_last < 1:
+        raise ValueError(f"checkpoint.keep_last={cfg.checkpoint.keep_last} must be >= 1 or null")
     if cfg.checkpoint.resume not in ("auto", "none"):
         raise ValueError(f"checkpoint.resume={cfg.checkpoint.resume!r} must be auto or none")
     if cfg.checkpoint.every <= 0:

@@ -15,8 +15,9 @@ from llama_dist.checkpoint import (
     ModelState,
     OptimizerState,
     check_checkpoint,
+    step_checkpoints,
 )
-from llama_dist.config import JobConfig, validate_job
+from llama_dist.config import JobConfig, SampleConfig, validate_job
 from llama_dist.data.indexed import PretrainData, TrainLoader, ValidLoader
 from llama_dist.generate import complete, load_for_generation
 from llama_dist.lr_schedule import build_lr_scheduler
@@ -30,6 +31,7 @@ from llama_dist.parallel import (
     dp_rank_and_size,
     init_distributed,
 )
+from llama_dist.parallel.fsdp import resolve_dtype
 from llama_dist.tokenizer import Tokenizer
 from llama_dist.training import (
     StopSignal,
@@ -44,27 +46,38 @@ log = logging.getLogger("llama_dist.pretrain")
 
 # Fault injection for the restart tests: rank FAULT_RANK kills itself with SIGKILL after
 # step FAULT_STEP on the first attempt, as a crashed node would.
+# End-of-run samples load the whole model on one CPU process: only for small models.
+MAX_SAMPLE_PARAMS = 2_000_000_000
 FAULT_STEP_ENV, FAULT_RANK_ENV = "LLAMA_DIST_FAULT_KILL_STEP", "LLAMA_DIST_FAULT_KILL_RANK"
 
 
-def check_tokenizer(cfg: JobConfig, vocab_size: int) -> Tokenizer | None:
-    if cfg.tokenizer is None:
+def check_tokenizer(path: str | None, vocab_size: int) -> Tokenizer | None:
+    if path is None:
         return None
-    tokenizer = Tokenizer(cfg.tokenizer)
+    tokenizer = Tokenizer(path)
     if tokenizer.vocab_size > vocab_size:
         raise ValueError(
-            f"tokenizer {cfg.tokenizer} has {tokenizer.vocab_size} pieces but model.vocab_size"
+            f"tokenizer {path} has {tokenizer.vocab_size} pieces but model.vocab_size"
             f"={vocab_size}; set model.vocab_size={tokenizer.vocab_size}"
         )
     return tokenizer
 
 
-def _peak(device: torch.device, override_tflops: float | None) -> float | None:
+def _peak(
+    device: torch.device, override_tflops: float | None, param_dtype: torch.dtype
+) -> float | None:
+    """Peak FLOP/s for MFU: the override, else the table's entry for this GPU; None (no MFU
+    logged) on CPUs and on GPUs the table does not know."""
     if override_tflops is not None:
-        return override_tflops * 1e12
+        return peak_flops("", override=override_tflops * 1e12)
     if device.type != "cuda":
-        return None  # no table entry for CPUs; MFU is logged once a peak is given
-    return peak_flops(torch.cuda.get_device_name(device))
+        return None
+    try:
+        dtype = "tf32" if param_dtype == torch.float32 else "bf16"
+        return peak_flops(torch.cuda.get_device_name(device), dtype=dtype)
+    except ValueError as e:
+        log.warning("%s; MFU is not logged", e)
+        return None
 
 
 def pretrain(cfg: JobConfig, run_dir: Path) -> TrainState:
@@ -72,9 +85,15 @@ def pretrain(cfg: JobConfig, run_dir: Path) -> TrainState:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     model_cfg = validate_job(cfg, world_size)  # before any process group or model exists
     data = PretrainData(cfg.data, vocab_size=model_cfg.vocab_size)
-    tokenizer = check_tokenizer(cfg, model_cfg.vocab_size)
+    tokenizer = check_tokenizer(cfg.tokenizer, model_cfg.vocab_size)
     if cfg.checkpoint.init_from:
         check_checkpoint(cfg.checkpoint.init_from, model_cfg)
+    checkpoint_dir = Path(run_dir) / cfg.checkpoint.folder
+    if cfg.checkpoint.resume == "none" and step_checkpoints(checkpoint_dir):
+        raise ValueError(
+            f"{checkpoint_dir} already holds checkpoints and checkpoint.resume=none; use "
+            "another run folder (hydra.run.dir / run_name) or checkpoint.resume=auto"
+        )
 
     device = init_distributed(device=cfg.train.device)
     rank = dist.get_rank()
@@ -112,7 +131,7 @@ def pretrain(cfg: JobConfig, run_dir: Path) -> TrainState:
     )
     state = TrainState()
     checkpoints = CheckpointManager(
-        run_dir / cfg.checkpoint.folder,
+        checkpoint_dir,
         keep_last=cfg.checkpoint.keep_last,
         async_save=cfg.checkpoint.async_save,
         model_config=model_cfg,
@@ -126,6 +145,11 @@ def pretrain(cfg: JobConfig, run_dir: Path) -> TrainState:
     }
 
     latest = checkpoints.latest() if cfg.checkpoint.resume == "auto" else None
+    # Rank 0 decides, so every rank loads the same folder even if their views of a shared
+    # file system differ for a moment.
+    choice = [latest]
+    dist.broadcast_object_list(choice, src=0)
+    latest = choice[0]
     if latest is not None:
         checkpoints.load(latest, states)
         log.info("resumed from %s at step %d", latest, state.step)
@@ -154,7 +178,11 @@ def pretrain(cfg: JobConfig, run_dir: Path) -> TrainState:
     throughput = Throughput(
         flops_per_token=flops_per_token(model_cfg, cfg.data.seq_len),
         num_devices=world_size,
-        peak=_peak(device, cfg.train.peak_tflops),
+        peak=_peak(
+            device,
+            cfg.train.peak_tflops,
+            resolve_dtype(cfg.parallel.param_dtype, device_type=device.type),
+        ),
     )
     stop = StopSignal()
     fault_step = int(os.environ.get(FAULT_STEP_ENV, "0"))
@@ -162,11 +190,16 @@ def pretrain(cfg: JobConfig, run_dir: Path) -> TrainState:
     params = list(model.parameters())
     nonfinite_in_a_row = 0
     batches = iter(loader)
-    last_saved = state.step if latest is not None else -1
+    last_saved: Path | None = None
+
+    def validate(step: int) -> None:
+        if data.num_valid_samples:  # data.valid_fraction=0 holds nothing out
+            result = evaluate(model, valid_loader, parallel=cfg.parallel, device=device)
+            metrics.log(step, result, kind="valid")
+
     try:
         if state.step == 0:  # the starting point of the validation curve
-            result = evaluate(model, valid_loader, parallel=cfg.parallel, device=device)
-            metrics.log(0, result, kind="valid")
+            validate(0)
         while state.step < cfg.train.steps:
             micro_batches = next(batches)
             loss = forward_backward(model, micro_batches, parallel=cfg.parallel, device=device)
@@ -205,16 +238,18 @@ def pretrain(cfg: JobConfig, run_dir: Path) -> TrainState:
                 )
             done = state.step == cfg.train.steps
             if (cfg.train.eval_every and state.step % cfg.train.eval_every == 0) or done:
-                result = evaluate(model, valid_loader, parallel=cfg.parallel, device=device)
-                metrics.log(state.step, result, kind="valid")
+                throughput.pause()  # evaluation and checkpoints are not training throughput
+                validate(state.step)
+                throughput.resume()
 
             stopping = stop.should_stop(device) or state.step == cfg.train.stop_after
             if state.step % cfg.checkpoint.every == 0 or done or stopping:
-                checkpoints.save(state.step, states)
-                last_saved = state.step
+                throughput.pause()
+                last_saved = checkpoints.save(state.step, states)
+                throughput.resume()
             if fault_step and first_attempt and state.step == fault_step:
+                checkpoints.wait()  # collective: every rank, before one of them dies
                 if rank == int(os.environ.get(FAULT_RANK_ENV, "0")):
-                    checkpoints.wait()
                     os.kill(os.getpid(), 9)
             if stopping:
                 log.warning("stopping after step %d on request (checkpoint saved)", state.step)
@@ -224,19 +259,22 @@ def pretrain(cfg: JobConfig, run_dir: Path) -> TrainState:
         stop.restore()
         metrics.close()
 
+    dist.barrier()  # every checkpoint is complete; the other ranks are done
     if rank == 0:
         plot_loss_curve(run_dir)
-    if state.step == cfg.train.steps and tokenizer is not None and last_saved == state.step:
-        if rank == 0:
-            write_samples(cfg, run_dir, checkpoints.latest(), tokenizer)
-    dist.barrier()
+        if state.step == cfg.train.steps and tokenizer is not None and last_saved is not None:
+            if model_cfg.num_params() <= MAX_SAMPLE_PARAMS:
+                write_samples(cfg.sample, run_dir, last_saved, tokenizer, seed=cfg.train.seed)
+            else:
+                log.info("sample with: python launch/generate.py --checkpoint %s", last_saved)
     return state
 
 
-def write_samples(cfg: JobConfig, run_dir: Path, checkpoint: Path, tokenizer: Tokenizer) -> None:
+def write_samples(
+    s: SampleConfig, run_dir: Path, checkpoint: Path, tokenizer: Tokenizer, *, seed: int
+) -> None:
     """Sample from the final checkpoint on one process (a plain, unsharded model)."""
     model, _ = load_for_generation(checkpoint, device=torch.device("cpu"), dtype=torch.float32)
-    s = cfg.sample
     continuations = complete(
         model,
         tokenizer,
@@ -244,7 +282,7 @@ def write_samples(cfg: JobConfig, run_dir: Path, checkpoint: Path, tokenizer: To
         max_new_tokens=s.max_new_tokens,
         temperature=s.temperature,
         top_p=s.top_p,
-        generator=torch.Generator().manual_seed(cfg.train.seed),
+        generator=torch.Generator().manual_seed(seed),
     )
     text = "\n".join(
         f"--- prompt: {p!r}\n{p}{c}\n" for p, c in zip(s.prompts, continuations, strict=True)

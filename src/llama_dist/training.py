@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from llama_dist.losses import cross_entropy_loss
+from llama_dist.losses import IGNORE_INDEX, cross_entropy_loss
 from llama_dist.metrics.mfu import mfu
 from llama_dist.parallel import clip_grad_norm_, loss_context, set_gradient_sync
 from llama_dist.parallel.config import ParallelConfig
@@ -94,8 +94,9 @@ def evaluate(
         per_token = _local(per_token).float().view(labels.shape)
         rows = batch.get("sample_mask", torch.ones(labels.shape[0], dtype=torch.bool))
         rows = rows.to(device)
-        total += per_token[rows].sum()
-        count += rows.sum() * labels.shape[1]
+        counted = (labels != IGNORE_INDEX) & rows[:, None]
+        total += per_token[counted].sum()
+        count += counted.sum()
     model.train()
     if dist.is_initialized() and dist.get_world_size() > 1:
         # Tensor-parallel ranks add the same sums to both, so the ratio is unchanged.
@@ -156,22 +157,33 @@ class StopSignal:
 
 
 class Throughput:
-    """Tokens/s, TFLOP/s and MFU over the steps since the last report."""
+    """Tokens/s, TFLOP/s and MFU over the training time since the last report."""
 
     def __init__(self, *, flops_per_token: int, num_devices: int, peak: float | None) -> None:
         self.flops_per_token = flops_per_token
         self.num_devices = num_devices
         self.peak = peak
+        self._reset()
+
+    def _reset(self) -> None:
         self._start = time.perf_counter()
+        self._elapsed = 0.0
         self._tokens = 0
         self._steps = 0
+
+    def pause(self) -> None:
+        """Stop the clock for work that is not training (evaluation, checkpoints)."""
+        self._elapsed += time.perf_counter() - self._start
+
+    def resume(self) -> None:
+        self._start = time.perf_counter()
 
     def add(self, tokens: int) -> None:
         self._tokens += tokens
         self._steps += 1
 
     def report(self) -> dict[str, float]:
-        elapsed = max(time.perf_counter() - self._start, 1e-9)
+        elapsed = max(self._elapsed + time.perf_counter() - self._start, 1e-9)
         tps = self._tokens / elapsed
         out = {
             "tokens_per_s": tps,
@@ -186,5 +198,5 @@ class Throughput:
                 num_devices=self.num_devices,
                 peak=self.peak,
             )
-        self._start, self._tokens, self._steps = time.perf_counter(), 0, 0
+        self._reset()
         return out

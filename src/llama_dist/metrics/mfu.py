@@ -58,7 +58,7 @@ def peak_flops(device_name: str, *, dtype: str = "bf16", override: float | None 
     if key is None:
         raise ValueError(
             f"no peak FLOP/s known for device {device_name!r} (known: {sorted(PEAK_FLOPS)}); "
-            "give the peak explicitly (e.g. metrics.peak_tflops=...) to compute MFU"
+            "give the peak explicitly (train.peak_tflops=...) to compute MFU"
         )
     if dtype not in PEAK_FLOPS[key]:
         raise ValueError(

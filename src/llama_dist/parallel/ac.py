@@ -32,7 +32,7 @@ OP_GROUPS: dict[str, list[str]] = {
         "aten._scaled_dot_product_flash_attention_for_cpu.default",
         "aten._scaled_dot_product_attention_math.default",
     ],
-    # With FSDP + TP the reduce-scatter output is cheap to keep and costly to redo.
+    # Sequence parallelism's reduce-scatters: cheap to keep, a collective to redo.
     "reduce_scatter": ["_c10d_functional.reduce_scatter_tensor.default"],
 }
 

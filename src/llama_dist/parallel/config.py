@@ -25,7 +25,7 @@ class ACConfig:
     every: int = 1
     # selective: ops whose outputs are saved; the rest of each block is recomputed. Names are
     # groups ("mm", "sdpa", "reduce_scatter") resolved per device, or exact "aten.x.overload".
-    saved_ops: list[str] = field(default_factory=lambda: ["mm", "sdpa"])
+    saved_ops: list[str] = field(default_factory=lambda: ["mm", "sdpa", "reduce_scatter"])
     # selective: save only every other matmul output (torchtitan's "op" policy); halves the
     # matmul activations at the cost of recomputing half of the matmuls.
     save_every_other_mm: bool = False

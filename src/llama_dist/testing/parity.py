@@ -1,4 +1,5 @@
-"""A few optimizer steps of a Llama on any layout, for comparison with one process.
+"""A few optimizer steps of a Llama on any layout, for comparison with one process. The
+steps go through the training loop's own `forward_backward` and clipping.
 
 Every rank runs `train_steps`; the result (losses, gradient norms, full gradients after the
 first backward, full parameters at the end) is identical on all ranks.
@@ -10,18 +11,15 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from llama_dist.losses import cross_entropy_loss
 from llama_dist.models.config import LlamaConfig
 from llama_dist.parallel import (
     ParallelConfig,
     build_adamw,
     build_llama,
     build_mesh,
-    clip_grad_norm_,
     dp_rank_and_size,
-    loss_context,
-    set_gradient_sync,
 )
+from llama_dist.training import clip_and_check, forward_backward
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
@@ -48,7 +46,7 @@ def train_steps(
         parallel_cfg = ParallelConfig(dp_shard=1)
     else:
         parallel_cfg.validate(dist.get_world_size(), model_cfg, seq_len=batches.shape[-1] - 1)
-        mesh = build_mesh(parallel_cfg)
+        mesh = build_mesh(parallel_cfg, device="cpu")
         dp_rank, dp_size = dp_rank_and_size(mesh)
     model = build_llama(model_cfg, parallel_cfg, mesh, device=torch.device("cpu"), seed=seed)
     optimizer = build_adamw(model, lr=lr, implementation=adamw)
@@ -56,23 +54,15 @@ def train_steps(
     losses, grad_norms, first_grads = [], [], {}
     for step, batch in enumerate(batches):
         local = batch.chunk(dp_size)[dp_rank]
-        step_loss = torch.zeros(())
-        for i, micro in enumerate(local.chunk(grad_accum)):
-            set_gradient_sync(model, i == grad_accum - 1)
-            with loss_context(parallel_cfg):
-                logits = model(micro[:, :-1])
-                loss = cross_entropy_loss(logits, micro[:, 1:]) / grad_accum
-                loss.backward()
-            step_loss += full(loss)
+        micro_batches = [{"tokens": micro} for micro in local.chunk(grad_accum)]
+        loss = forward_backward(
+            model, micro_batches, parallel=parallel_cfg, device=torch.device("cpu")
+        )
         if step == 0:
             first_grads = {n: full(p.grad) for n, p in model.named_parameters()}
-        grad_norms.append(clip_grad_norm_(list(model.parameters()), max_norm).item())
+        grad_norms.append(clip_and_check(list(model.parameters()), max_norm)[0])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if dist.is_initialized() and mesh is not None:
-            # Tensor-parallel ranks hold the same loss, so the world mean is the dp mean.
-            dist.all_reduce(step_loss)
-            step_loss /= dist.get_world_size()
-        losses.append(step_loss.item())
+        losses.append(loss.item())
     params = {n: full(p) for n, p in model.named_parameters()}
     return {"losses": losses, "grad_norms": grad_norms, "grads": first_grads, "params": params}
