@@ -144,6 +144,23 @@ def _preview(names: list[str], limit: int = 5) -> str:
     return ", ".join(names[:limit]) + more
 
 
+def _raise_on_mismatch(
+    source: str, what: str, hint: str, *, missing: list[str], extra: list[str], wrong: list[str]
+) -> None:
+    """One message for tensors missing, unexpected or of the wrong shape (in that order)."""
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensors ({_preview(missing)})")
+        if extra:
+            parts.append(f"unexpected {len(extra)} tensors ({_preview(extra)})")
+        raise ValueError(f"{source} does not match {what}: " + "; ".join(parts) + f". {hint}")
+    if wrong:
+        raise ValueError(
+            f"{source} has tensors of the wrong shape for {what}: {_preview(wrong)}. {hint}"
+        )
+
+
 def check_state_dict(sd: Mapping[str, torch.Tensor], cfg: LlamaConfig, *, source: str) -> None:
     """ValueError unless `sd` has exactly the tensors of `Llama(cfg)`, with their shapes.
 
@@ -152,25 +169,19 @@ def check_state_dict(sd: Mapping[str, torch.Tensor], cfg: LlamaConfig, *, source
     expected = param_shapes(cfg)
     missing = [k for k in expected if k not in sd]
     extra = [k for k in sd if k not in expected]
-    if missing or extra:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} tensors ({_preview(missing)})")
-        if extra:
-            parts.append(f"unexpected {len(extra)} tensors ({_preview(extra)})")
-        raise ValueError(
-            f"{source} does not match the model config ({cfg.n_layers} layers): "
-            + "; ".join(parts)
-            + ". Check that the config belongs to these weights and the weights are complete"
-        )
     wrong = [
-        f"{k} {tuple(sd[k].shape)} != {tuple(s)}" for k, s in expected.items() if sd[k].shape != s
+        f"{k} {tuple(sd[k].shape)} != {tuple(s)}"
+        for k, s in expected.items()
+        if k in sd and sd[k].shape != s
     ]
-    if wrong:
-        raise ValueError(
-            f"{source} has tensors of the wrong shape for the model config: {_preview(wrong)}. "
-            "Check that the config belongs to these weights"
-        )
+    _raise_on_mismatch(
+        source,
+        f"the model config ({cfg.n_layers} layers)",
+        "Check that the config belongs to these weights and the weights are complete",
+        missing=missing,
+        extra=extra,
+        wrong=wrong,
+    )
 
 
 def to_hf_state_dict(sd: Mapping[str, torch.Tensor], cfg: LlamaConfig) -> dict[str, torch.Tensor]:
@@ -204,22 +215,14 @@ def _convert_from_hf(
             continue
         ours[key] = from_hf_tensor(hf_key, tensor, cfg)[1]
     missing = [to_hf_key(k) for k in expected if k not in seen]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} tensors ({_preview(missing)})")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} tensors ({_preview(unexpected)})")
-        raise ValueError(
-            f"{source} does not match its config ({cfg.n_layers} layers, untied embeddings, no "
-            "biases): " + "; ".join(parts) + ". Check that config.json belongs to these weights "
-            "and that no weight file is missing"
-        )
-    if wrong:
-        raise ValueError(
-            f"{source} has tensors of the wrong shape for its config: {_preview(wrong)}. "
-            "Check that config.json belongs to these weights"
-        )
+    _raise_on_mismatch(
+        source,
+        f"its config ({cfg.n_layers} layers, untied embeddings, no biases)",
+        "Check that config.json belongs to these weights and that no weight file is missing",
+        missing=missing,
+        extra=unexpected,
+        wrong=wrong,
+    )
     return ours
 
 
