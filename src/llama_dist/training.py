@@ -58,11 +58,11 @@ def forward_backward(
 ) -> torch.Tensor:
     """Accumulate gradients over the micro-batches of one optimizer step; returns the mean
     loss over all ranks. Gradients are reduced across data-parallel ranks on the last
-    micro-batch only."""
+    micro-batch only, or on every one with `parallel.grad_sync=every`."""
     total = torch.zeros((), device=device)
     accum = len(micro_batches)
     for i, batch in enumerate(micro_batches):
-        set_gradient_sync(model, i == accum - 1)
+        set_gradient_sync(model, parallel.grad_sync == "every" or i == accum - 1)
         inputs, labels, kwargs = model_inputs(batch, device)
         with loss_context(parallel):
             loss = loss_fn(model(inputs, **kwargs), labels) / accum

@@ -53,8 +53,24 @@ def _reductions_per_micro_step(use_no_sync: bool) -> list[int]:
     return counts
 
 
+def _reductions_in_training_step(grad_sync: str) -> int:
+    """FSDP reductions in one `forward_backward` call of 2 micro-batches."""
+    from llama_dist.training import forward_backward
+
+    cfg = ParallelConfig(grad_sync=grad_sync).validate(2, MODEL)
+    model = build_llama(MODEL, cfg, build_mesh(cfg), device=torch.device("cpu"))
+    batches = [{"tokens": torch.randint(0, MODEL.vocab_size, (2, 17))} for _ in range(2)]
+
+    def step():
+        forward_backward(model, batches, parallel=cfg, device=torch.device("cpu"))
+
+    return len(_profiled_names(step, ("FSDP::post_backward_reduce",)))
+
+
 def overlap_worker():
     return {
+        "loop_last": _reductions_in_training_step("last"),
+        "loop_every": _reductions_in_training_step("every"),
         "prefetch": _forward_order(1),
         "no_prefetch": _forward_order(0),
         "accum": _reductions_per_micro_step(True),
@@ -77,3 +93,6 @@ def test_forward_prefetch_and_accumulation_without_reduce_scatter():
     groups = n + 2
     assert result["accum"] == [0, groups]
     assert result["accum_control"] == [groups, groups]
+    # The training loop: parallel.grad_sync=last reduces once per step, every per micro-batch.
+    assert result["loop_last"] == groups
+    assert result["loop_every"] == 2 * groups

@@ -40,6 +40,7 @@ LAYOUTS_2 = {
     "fsdp2_no_reshard_no_prefetch": ParallelConfig(
         reshard_after_forward="never", forward_prefetch=0, backward_prefetch=0
     ),
+    "fsdp2_grad_sync_every": ParallelConfig(grad_sync="every"),
 }
 LAYOUTS_4 = {
     "fsdp4": ParallelConfig(),

@@ -13,6 +13,7 @@ from llama_dist.models.config import LlamaConfig
 
 AC_MODES = ("none", "full", "selective")
 RESHARD_POLICIES = ("always", "never", "default")
+GRAD_SYNC_POLICIES = ("last", "every")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 
 
@@ -60,6 +61,10 @@ class ParallelConfig:
     backward_prefetch: int = 1  # groups whose all-gather is issued ahead in backward
     param_dtype: str = "auto"  # compute dtype of all-gathered params: auto = bf16 on GPU
     reduce_dtype: str = "fp32"  # gradient reduce-scatter / all-reduce dtype
+    # Gradient accumulation: reduce gradients on the last micro-batch only ("last": least
+    # communication, but FSDP keeps the whole model's unsharded gradients in between) or on
+    # every micro-batch ("every": reduce-scatters each time, only sharded gradients are kept).
+    grad_sync: str = "last"
     ac: ACConfig = field(default_factory=ACConfig)
     compile: bool = False  # torch.compile each transformer block
 
@@ -126,6 +131,10 @@ class ParallelConfig:
             raise ValueError(
                 f"parallel.reshard_after_forward={self.reshard_after_forward!r} must be one of "
                 f"{RESHARD_POLICIES}"
+            )
+        if self.grad_sync not in GRAD_SYNC_POLICIES:
+            raise ValueError(
+                f"parallel.grad_sync={self.grad_sync!r} must be one of {GRAD_SYNC_POLICIES}"
             )
         if self.forward_prefetch < 0 or self.backward_prefetch < 0:
             raise ValueError("parallel.forward_prefetch/backward_prefetch must be >= 0")

@@ -1,0 +1,171 @@
+"""The planner's predictions against published training throughputs.
+
+Each point is a public measurement with the layout its source states; the planner estimates that
+layout (or, where the source gives none, the best layout it finds) with its fixed hardware
+constants, and the table reports the error. The sources measured other software stacks
+(Meta's 2023 stack, torchtitan, fms-fsdp, Megatron-Core, OLMo-core), so the error covers both
+the model and the stack difference. `python launch/plan.py validate=true` prints the table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from statistics import median
+
+from llama_dist.models.config import LlamaConfig, get_preset
+from llama_dist.planner.hardware import get_gpu
+from llama_dist.planner.memory import Layout
+from llama_dist.planner.search import SearchSpace, evaluate, search
+
+# Llama 3 / 3.1 shapes (public configs): 128,256-token vocabulary, 8 kv heads.
+LLAMA3_8B = LlamaConfig(
+    dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256,
+    ffn_hidden_dim=14336, rope_theta=500000.0, max_seq_len=8192,
+)
+LLAMA3_70B = LlamaConfig(
+    dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=128256,
+    ffn_hidden_dim=28672, rope_theta=500000.0, max_seq_len=8192,
+)
+MODELS = {
+    "Llama 2 7B": get_preset("7b"),
+    "Llama 2 13B": get_preset("13b"),
+    "Llama 2 34B": get_preset("34b"),
+    "Llama 2 70B": get_preset("70b"),
+    "Llama 3 8B": LLAMA3_8B,
+    "Llama 3 70B": LLAMA3_70B,
+}
+
+
+@dataclass(frozen=True)
+class Point:
+    source: str
+    model: str  # a key of MODELS
+    gpu: str
+    gpus: int
+    seq_len: int
+    global_batch: int  # sequences
+    published: float  # tokens/s/GPU
+    layout: Layout | None  # None: the source gives none; use the planner's best
+    nic_gbps: float | None = None  # inter-node Gb/s per GPU, where the source states it
+    note: str = ""
+
+
+def _fsdp(
+    n: int, mb: int, ac: str, replicas: int = 1, reduce: str = "fp32", compile: bool = False
+) -> Layout:
+    return Layout(
+        dp_shard=n // replicas,
+        dp_replicate=replicas,
+        micro_batch=mb,
+        ac=ac,
+        reduce_dtype=reduce,
+        compile=compile,
+    )
+
+
+TT_A100 = "torchtitan docs/performance.md, 64 A100 FSDP2"
+FMS_A100 = "fms-fsdp (PyTorch blog 2024-03-13), 128 A100"
+FMS_H100 = "fms-fsdp (PyTorch blog 2024-03-13), 96 H100"
+TT_H100 = "torchtitan docs/performance.md (Llama 3.1), FSDP"
+MCORE = "Megatron-Core (NVIDIA dgxc-benchmarking, NeMo 24.09)"
+POINTS = [
+    Point("Llama 2 paper: 184,320 GPU hours / 2T tokens", "Llama 2 7B", "a100-80g", 512, 4096,
+          1024, 3014, None, note="GPU count not published (512 assumed); eager; 350-400 W caps"),
+    Point("Llama 2 paper: 1,720,320 GPU hours / 2T tokens", "Llama 2 70B", "a100-80g", 2048, 4096,
+          1024, 323, None, note="GPU count not published (2048 assumed); eager; 350-400 W caps"),
+    Point(TT_A100, "Llama 3 8B", "a100-80g", 64, 8192, 64, 2973, _fsdp(64, 1, "selective")),
+    Point(TT_A100, "Llama 3 70B", "a100-80g", 64, 8192, 64, 331, _fsdp(64, 1, "full")),
+    Point(TT_A100, "Llama 2 13B", "a100-80g", 64, 4096, 128, 2162, _fsdp(64, 2, "none")),
+    Point(TT_A100, "Llama 2 70B", "a100-80g", 64, 4096, 128, 353, _fsdp(64, 2, "full")),
+    Point(FMS_A100, "Llama 2 7B", "a100-80g", 128, 4096, 256, 3700,
+          _fsdp(128, 2, "none", 16, "bf16"), nic_gbps=400 / 8, note="HSDP within nodes"),
+    Point(FMS_A100, "Llama 2 13B", "a100-80g", 128, 4096, 256, 1800,
+          _fsdp(128, 2, "selective", 1, "bf16"), nic_gbps=400 / 8,
+          note="source: AC of every n-th block"),
+    Point(FMS_A100, "Llama 2 34B", "a100-80g", 128, 4096, 256, 700,
+          _fsdp(128, 2, "full", 1, "bf16", compile=True), nic_gbps=400 / 8),
+    Point(FMS_A100, "Llama 2 70B", "a100-80g", 128, 4096, 256, 370,
+          _fsdp(128, 2, "full", 1, "bf16", compile=True), nic_gbps=400 / 8),
+    Point(FMS_H100, "Llama 2 7B", "h100-sxm", 96, 4096, 192, 7500,
+          _fsdp(96, 2, "none", 12, "bf16"), nic_gbps=800 / 8, note="HSDP within nodes"),
+    Point(FMS_H100, "Llama 2 13B", "h100-sxm", 96, 4096, 192, 3800,
+          _fsdp(96, 2, "selective", 1, "bf16"), nic_gbps=800 / 8,
+          note="source: AC of every n-th block"),
+    Point(FMS_H100, "Llama 2 34B", "h100-sxm", 96, 4096, 192, 1550,
+          _fsdp(96, 2, "full", 1, "bf16", compile=True), nic_gbps=800 / 8),
+    Point(FMS_H100, "Llama 2 70B", "h100-sxm", 96, 4096, 192, 800,
+          _fsdp(96, 2, "full", 1, "bf16", compile=True), nic_gbps=800 / 8),
+    Point(TT_H100, "Llama 3 8B", "h100-sxm", 8, 8192, 16, 5762, _fsdp(8, 2, "selective"),
+          note="96 GB HBM2e H100 at 500 W, planned as an SXM part"),
+    Point(TT_H100, "Llama 3 8B", "h100-sxm", 8, 8192, 16, 6667,
+          _fsdp(8, 2, "selective", compile=True), note="as above, torch.compile"),
+    Point(TT_H100, "Llama 3 8B", "h100-sxm", 128, 8192, 256, 5605, _fsdp(128, 2, "selective"),
+          nic_gbps=400, note="96 GB HBM2e H100 at 500 W, planned as an SXM part"),
+    Point(MCORE, "Llama 3 8B", "h100-sxm", 8, 8192, 128, 10153,
+          _fsdp(8, 1, "none", compile=True),
+          note="source: TP1 CP2 DP4, fused kernels; context parallelism is not modelled, "
+          "planned as FSDP 8 compiled"),
+    Point(MCORE, "Llama 3 8B", "h100-sxm", 128, 8192, 2048, 10006,
+          _fsdp(128, 1, "none", compile=True), note="source: TP1 CP2 DP64; planned as FSDP 128"),
+    Point("OLMo-core README, Llama-8B script, H100", "Llama 3 8B", "h100-sxm", 64, 4096, 1024,
+          9500, _fsdp(64, 2, "none", compile=True),
+          note="GPU count not stated (64 assumed); torch.compile"),
+]
+
+
+@dataclass
+class Row:
+    point: Point
+    layout: Layout
+    predicted: float
+    mfu: float
+    memory_gib: float
+
+    @property
+    def error(self) -> float:
+        return self.predicted / self.point.published - 1
+
+
+def predict(point: Point) -> Row:
+    cfg = MODELS[point.model]
+    if cfg.max_seq_len < point.seq_len:
+        cfg = cfg.replace(max_seq_len=point.seq_len)
+    gpu = get_gpu(point.gpu, nic_bytes_s=None if point.nic_gbps is None else point.nic_gbps / 8e-9)
+    job = dict(seq_len=point.seq_len, global_batch=point.global_batch, gpus_per_node=8)
+    if point.layout is None:
+        # The source's own stack (2023) was eager.
+        fit, _ = search(cfg, gpu, gpus=point.gpus, space=SearchSpace(compile=[False]), **job)
+        plan = fit[0]
+    else:
+        plan = evaluate(cfg, point.layout, gpu, **job)
+    return Row(point, plan.layout, plan.step.tokens_per_s_per_gpu, plan.step.mfu,
+               plan.memory.total / 2**30)
+
+
+def validation_rows() -> list[Row]:
+    return [predict(p) for p in POINTS]
+
+
+def validation_report() -> str:
+    rows = validation_rows()
+    lines = [
+        "| source | model | GPUs | seq | layout | published tok/s/GPU | planned tok/s/GPU "
+        "| error | planned MFU | planned GiB | note |",
+        "|---|---|---|---:|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        p = r.point
+        lines.append(
+            f"| {p.source} | {p.model} | {p.gpus} x {p.gpu} | {p.seq_len} | "
+            f"{r.layout.describe()}{' compiled' if r.layout.compile else ''}"
+            f"{'' if p.layout else ' (planner best)'} | {p.published:,.0f} | "
+            f"{r.predicted:,.0f} | {100 * r.error:+.0f}% | {100 * r.mfu:.0f}% | "
+            f"{r.memory_gib:.0f} | {p.note} |"
+        )
+    errors = [abs(r.error) for r in rows]
+    lines += [
+        "",
+        f"{len(rows)} points: median absolute error {100 * median(errors):.0f}%, "
+        f"largest {100 * max(errors):.0f}%.",
+    ]
+    return "\n".join(lines)
