@@ -1,8 +1,8 @@
 """Plan a job's layout: per-GPU memory and speed of every layout, the fastest that fit first.
 
-    python launch/plan.py model=70b cluster.gpus=2048 cluster.gpu=a100-80g
-    python launch/plan.py model=7b cluster.gpu=h100-sxm cluster.gpus=64 search.ac=[selective]
-    python launch/plan.py validate=true out=benchmarks/results/planner_validation.md
+python launch/plan.py model=70b cluster.gpus=2048 cluster.gpu=a100-80g
+python launch/plan.py model=7b cluster.gpu=h100-sxm cluster.gpus=64 search.ac=[selective]
+python launch/plan.py validate=true out=benchmarks/results/planner_validation.md
 """
 
 import sys

@@ -69,8 +69,12 @@ def measure_single(cfg: LlamaConfig, dtype: torch.dtype, ac: str) -> tuple[int, 
 
 
 SHAPES = {
-    "gqa": LlamaConfig(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=256, max_seq_len=256),
-    "mha": LlamaConfig(dim=256, n_layers=2, n_heads=8, n_kv_heads=8, vocab_size=512, max_seq_len=256),
+    "gqa": LlamaConfig(
+        dim=128, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=256, max_seq_len=256
+    ),
+    "mha": LlamaConfig(
+        dim=256, n_layers=2, n_heads=8, n_kv_heads=8, vocab_size=512, max_seq_len=256
+    ),
 }
 
 
@@ -90,11 +94,14 @@ def test_kept_activations_match_formula_per_policy(shape, dtype):
         assert 0.5 * est.activations <= peak <= est.activations * 1.01, (ac, peak, est.activations)
 
 
-def test_policies_order_as_korthikanti():
-    """Full recomputation keeps 1/L-ish of none; selective sits between."""
+def test_per_layer_formulas_in_closed_form():
+    """The closed forms quoted in the README (bf16, no TP)."""
     cfg = get_preset("7b")
     none, sel, full = (layer_activation_bytes(cfg, p=2, ac=ac) for ac in POLICIES)
-    assert full == 2 * cfg.dim  # the block input only, as the paper's 2 s b h
+    h, f, a, kd = cfg.dim, cfg.hidden_dim, cfg.n_heads, cfg.num_kv_heads * cfg.head_dim
+    assert full == 2 * h  # the block input only, as the paper's 2 s b h
+    assert none == 24 * h + 8 * f + 4 * a + 8  # the README's figures
+    assert sel == 10 * h + 4 * kd + 4 * f + 4 * a
     assert full < sel < none
 
 
@@ -155,9 +162,21 @@ def test_tensor_parallel_and_fsdp_memory_match_formulas():
 def test_local_params_match_dry_run(preset, world, tp):
     """The meta-device dry run applies the real parallelize code at full scale."""
     out = subprocess.run(
-        [sys.executable, "launch/dry_run.py", "--model", preset, "--world-size", str(world),
-         "--tp", str(tp)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, check=True,
+        [
+            sys.executable,
+            "launch/dry_run.py",
+            "--model",
+            preset,
+            "--world-size",
+            str(world),
+            "--tp",
+            str(tp),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
     )
     line = next(x for x in out.stdout.splitlines() if x.startswith("parameters (local)"))
     measured = int(re.search(r"([\d,]{5,})", line).group(1).replace(",", ""))

@@ -70,16 +70,18 @@ def _gib(x: float) -> str:
 
 def plan_table(plans: list[Plan]) -> list[str]:
     lines = [
-        "| # | tp | dp (replicas x shard) | micro-batch | accum | AC | reshard | grad sync "
+        "| # | tp | dp (replicas x shard) | micro-batch | accum | AC | compile | reshard "
+        "| grad sync "
         "| memory GiB (state / buffers / activations / total) | step s | exposed comm s "
         "| tokens/s/GPU | MFU |",
-        "|---:|---:|---|---:|---:|---|---|---|---|---:|---:|---:|---:|",
+        "|---:|---:|---|---:|---:|---|---|---|---|---|---:|---:|---:|---:|",
     ]
     for i, p in enumerate(plans, 1):
         lo, m, s = p.layout, p.memory, p.step
         dp = f"{lo.dp_replicate} x {lo.dp_shard}" if lo.dp_replicate > 1 else f"{lo.dp_shard}"
         lines.append(
             f"| {i} | {lo.tp} | {dp} | {lo.micro_batch} | {p.grad_accum} | {lo.ac} | "
+            f"{'yes' if lo.compile else 'no'} | "
             f"{lo.reshard_after_forward} | {lo.grad_sync} | {_gib(m.model_state)} / "
             f"{_gib(m.fsdp_buffers)} / {_gib(m.activations)} / {_gib(m.total)} | "
             f"{s.step_s:.2f} | {s.exposed_comm_s:.2f} | {s.tokens_per_s_per_gpu:,.0f} | "
@@ -143,7 +145,8 @@ def run(cfg: PlanConfig) -> str:
         "",
         f"sequence {seq}, global batch {global_batch} sequences ({global_batch * seq:,} tokens); "
         f"memory budget {budget:.1f} GiB per GPU ({gpu.memory_gib} less "
-        f"{cfg.cluster.reserved_gib} reserved); {len(fit)} of {len(fit) + len(too_big)} layouts fit",
+        f"{cfg.cluster.reserved_gib} reserved); "
+        f"{len(fit)} of {len(fit) + len(too_big)} layouts fit",
         "",
     ]
     if fit:

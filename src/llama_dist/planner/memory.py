@@ -80,7 +80,9 @@ class Layout:
         ]
 
     def describe(self) -> str:
-        hsdp = f"{self.dp_replicate}x{self.dp_shard}" if self.dp_replicate > 1 else f"{self.dp_shard}"
+        hsdp = (
+            f"{self.dp_replicate}x{self.dp_shard}" if self.dp_replicate > 1 else f"{self.dp_shard}"
+        )
         return f"tp{self.tp} dp{hsdp} mb{self.micro_batch} ac={self.ac}"
 
 
@@ -138,8 +140,9 @@ def layer_elementwise_bytes(
     Eager, each op of `models/llama.py` reads its inputs and writes its output: an RMSNorm
     (cast to fp32, normalise, cast back, scale) moves 24 bytes per element in bf16, the fp32
     rotary of q and k about 48, the GQA expansion of k and v 2 (read) + 2 x n_rep (write),
-    SwiGLU's silu and product 10 per FFN element, each residual add 6 (all bf16 figures). Compiled (fused), a layer
-    moves about what it keeps for backward, written once and read once.
+    SwiGLU's silu and product 10 per FFN element, each residual add 6 (bf16 figures).
+    Compiled (fused), a layer moves about what it keeps for backward, written once and read
+    once.
     """
     if compiled:
         return 2 * layer_activation_bytes(cfg, p=p, tp=tp, sp=sp, ac="none")

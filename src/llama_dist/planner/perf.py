@@ -125,7 +125,9 @@ def estimate_step(
     if replicas > 1:
         rbw, rnodes = group_link(gpu, replicas, layout.gpus, gpus_per_node)
         shard_bytes = layout.reduce_bytes * params_per_tp / n
-        all_reduce = 2 * _ring_time(shard_bytes, replicas, rbw, nodes=rnodes, latency_s=gpu.latency_s)
+        all_reduce = 2 * _ring_time(
+            shard_bytes, replicas, rbw, nodes=rnodes, latency_s=gpu.latency_s
+        )
     edge = (gather + reduce) / (L + 2)  # first gather and last reduce-scatter: one group each
 
     step = compute_total = tp_total = fsdp_total = exposed = 0.0

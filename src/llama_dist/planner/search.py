@@ -101,7 +101,9 @@ def search(
     reserved_gib: float = 4.0,
 ) -> tuple[list[Plan], list[Plan]]:
     """(plans that fit, fastest first; plans that do not fit, smallest first)."""
-    check_job(cfg, gpus=gpus, gpus_per_node=gpus_per_node, seq_len=seq_len, global_batch=global_batch)
+    check_job(
+        cfg, gpus=gpus, gpus_per_node=gpus_per_node, seq_len=seq_len, global_batch=global_batch
+    )
     budget = (gpu.memory_gib - reserved_gib) * GIB
     fit, too_big = [], []
     for tp in space.tp:
@@ -119,6 +121,9 @@ def search(
         ):
             if global_batch % (mb * dp):
                 continue
+            accum = global_batch // (mb * dp)
+            if (sync == "every" and accum == 1) or (reshard == "never" and shard == 1):
+                continue  # the same plan as its alternative
             layout = Layout(
                 tp=tp,
                 dp_shard=shard,
@@ -131,10 +136,15 @@ def search(
                 compile=comp,
             )
             plan = evaluate(
-                cfg, layout, gpu, seq_len=seq_len, global_batch=global_batch,
+                cfg,
+                layout,
+                gpu,
+                seq_len=seq_len,
+                global_batch=global_batch,
                 gpus_per_node=gpus_per_node,
             )
             (fit if plan.fits(budget) else too_big).append(plan)
-    fit.sort(key=lambda p: -p.step.tokens_per_s_per_gpu)
+    # Fastest first; among equally fast ones (within 0.1%), the one using less memory.
+    fit.sort(key=lambda p: (-round(p.step.tokens_per_s_per_gpu, -1), p.memory.total))
     too_big.sort(key=lambda p: p.memory.total)
     return fit, too_big
