@@ -167,6 +167,13 @@ class _CrashingManager(CheckpointManager):
         return _CrashingWriter(path)
 
 
+class _FailingFinalize(CheckpointManager):
+    """Rank 0 fails to move a fully written checkpoint into place."""
+
+    def _finalize(self, tmp: Path, final: Path, started: float) -> None:
+        raise OSError("simulated: no space left on device")
+
+
 def listing(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
 
@@ -245,6 +252,24 @@ def two_rank_checks(root: Path, fsdp4_checkpoint: Path) -> dict:
     sync.save(5, run.states())
     out["after_retry"] = listing(root / "sync")
     sync.close()
+
+    # Rank 0 fails to finalize: every rank raises (none waits forever), sync and async.
+    errors = []
+    for async_save in (False, True):
+        failing = _FailingFinalize(
+            root / "sync", model_config=MODEL, keep_last=2, async_save=async_save
+        )
+        try:
+            failing.save(6, run.states())
+            failing.wait()
+            errors.append("no error")
+        except (OSError, RuntimeError) as error:
+            errors.append(f"{type(error).__name__}: {error}")
+        failing.close()
+    every_rank: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every_rank, errors)
+    out["finalize_errors"] = every_rank
+    out["after_finalize_error"] = CheckpointManager(root / "sync", model_config=MODEL).latest().name
 
     # Resharding: the FSDP 4 checkpoint at FSDP 2.
     fsdp2 = Trainer(FSDP, seed=1)
@@ -349,6 +374,13 @@ def test_crash_mid_save_leaves_no_checkpoint(two):
     assert after["find_checkpoint"] == "step-00000004"
     # The retry removed the leftover and kept the newest two.
     assert two["after_retry"] == ["step-00000004", "step-00000005"]
+
+
+def test_failed_finalize_raises_on_every_rank(two):
+    rank0, rank1 = two["finalize_errors"]
+    assert all(e.startswith("OSError: simulated") for e in rank0), rank0
+    assert all(e.startswith("RuntimeError: checkpoint save failed on rank 0") for e in rank1), rank1
+    assert two["after_finalize_error"] == "step-00000005"
 
 
 def test_reshard_fsdp4_to_dp2_tp2_and_fsdp2(four, two):

@@ -23,7 +23,10 @@ def diverging_worker(cfg, tmp: str) -> str:
 
 def wandb_worker(cfg, tmp: str) -> dict:
     run_dir = Path(tmp) / "wandb-run"
-    pretrain(copy.deepcopy(cfg), run_dir)
+    first = copy.deepcopy(cfg)
+    first.train.stop_after = 2  # stops with a checkpoint, as a preempted job would
+    pretrain(first, run_dir)
+    pretrain(copy.deepcopy(cfg), run_dir)  # the restarted job resumes and finishes
     return {
         "losses": train_losses(run_dir),
         "wandb_files": sorted(
@@ -55,4 +58,7 @@ def test_wandb_logs_offline_without_login(corpus, tmp_path, monkeypatch):
     cfg = job(corpus, "train.wandb=true", "train.steps=3")
     out = run_distributed(wandb_worker, 1, cfg, str(tmp_path))
     assert sorted(out["losses"]) == [1, 2, 3]
-    assert len(out["wandb_files"]) == 1, out
+    # Two processes, one wandb run: offline-run-<time>-<id>/run-<id>.wandb with the same id.
+    assert len(out["wandb_files"]) == 2, out
+    ids = {name.rsplit("-", 1)[-1].removesuffix(".wandb") for name in out["wandb_files"]}
+    assert len(ids) == 1, out

@@ -259,10 +259,14 @@ class CheckpointManager:
                 # DCP gathers every rank's write results before rank 0 writes .metadata, so
                 # when this returns all data is on disk.
                 dcp.save(request, storage_writer=writer)
+            error = None
             if _rank() == 0:
-                self._finalize(tmp, final, started)
-            # Every rank sees the final folder once save returns.
-            self._barrier()
+                try:
+                    self._finalize(tmp, final, started)
+                except Exception as e:  # noqa: BLE001 - raised on every rank just below
+                    error = e
+            # Every rank sees the final folder once save returns, or every rank raises.
+            self._raise_together(error)
             return final
 
         response = dcp.async_save(request, storage_writer=writer, process_group=self._group)
@@ -284,9 +288,8 @@ class CheckpointManager:
         # DCP reports a failed write to every rank, so all ranks raise here together.
         pending.future.result()
         pending.finalized.wait()
-        self._barrier()
-        if pending.error is not None:
-            raise pending.error
+        # Only rank 0 finalizes: its outcome decides for all.
+        self._raise_together(pending.error if _rank() == 0 else None)
 
     def close(self) -> None:
         """Finish an async save in flight and release the manager's process group."""
@@ -336,6 +339,20 @@ class CheckpointManager:
             if child.name.startswith(".step-") and child.name.endswith((".tmp", ".trash")):
                 logger.info("removing %s, left by an interrupted save or deletion", child)
                 shutil.rmtree(child)
+
+    def _raise_together(self, error: BaseException | None) -> None:
+        """Share rank 0's finalize outcome: every rank raises, or none does (and all wait for
+        rank 0, like a barrier)."""
+        message = [None if error is None else f"{type(error).__name__}: {error}"]
+        if dist.is_initialized() and dist.get_world_size(self._group) > 1:
+            dist.broadcast_object_list(message, src=0, group=self._group)
+        if error is not None:
+            raise error
+        if message[0] is not None:
+            raise RuntimeError(
+                f"checkpoint save failed on rank 0 while moving it into place ({message[0]}); "
+                "no checkpoint of this step exists, the previous one is intact"
+            )
 
     def _barrier(self) -> None:
         if dist.is_initialized():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import secrets
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,9 @@ def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+WANDB_ID_FILE = "wandb_run_id"
 
 
 def _wandb_logged_in() -> bool:
@@ -55,7 +59,12 @@ class MetricsLogger:
             import wandb
 
             mode = os.environ.get("WANDB_MODE") or ("online" if _wandb_logged_in() else "offline")
+            # One wandb run per training run: a restarted or requeued job continues it.
+            id_file = Path(run_dir) / WANDB_ID_FILE
+            run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
+            id_file.write_text(run_id + "\n")
             self._wandb = wandb.init(
+                id=run_id,
                 project=wandb_project,
                 dir=str(run_dir),
                 config=config,
