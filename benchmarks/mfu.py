@@ -53,9 +53,8 @@ _HF_AC_MODES = ("none", "full")
 _WORKER_FLAG = "--run-setting"  # internal: argv of a setting's process is [flag, JSON spec]
 _RESULT_PREFIX = "MFU_BENCH_RESULT "
 # Candidate changes to src/llama_dist, measured on our model in the setting's process before
-# making them: rope-complex and sdpa-gqa change models/llama.py (see `patch_ours_`),
-# adamw-fused makes build_adamw's "auto" pick the fused kernel on CPU too.
-OURS_PATCHES = ("rope-complex", "sdpa-gqa", "adamw-fused")
+# making them: rope-complex and sdpa-gqa change models/llama.py (see `patch_ours_`).
+OURS_PATCHES = ("rope-complex", "sdpa-gqa")
 _GIB = 2**30
 
 
@@ -143,8 +142,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--adamw",
         default="auto",
         choices=("auto", "fused", "foreach", "for-loop"),
-        help="AdamW implementation for both models (build_adamw; auto = fused on CUDA, "
-        "foreach elsewhere)",
+        help="AdamW implementation for both models (build_adamw; auto = fused on CUDA and "
+        "CPU, foreach elsewhere)",
     )
     p.add_argument(
         "--ours-patch",
@@ -373,8 +372,7 @@ def run_group(spec: dict[str, Any]) -> dict[str, Any]:
             model = build_ours(cfg, patches=m["patches"], seed=spec["seed"], **common)
         else:
             model = build_hf(cfg, seed=spec["seed"], **common)
-        adamw = "fused" if "adamw-fused" in m["patches"] else spec["adamw"]
-        runs.append((m["impl"], model, build_adamw(model, lr=3e-4, implementation=adamw)))
+        runs.append((m["impl"], model, build_adamw(model, lr=3e-4, implementation=spec["adamw"])))
     gen = torch.Generator(device="cpu").manual_seed(spec["seed"])
     tokens = torch.randint(0, cfg.vocab_size, (micro_batch, seq_len + 1), generator=gen)
     tokens = tokens.to(device)
@@ -688,7 +686,7 @@ def _adamw_name(implementation: str, device: torch.device) -> str:
     if implementation != "auto":
         return f"AdamW {implementation}"
     # build_adamw's rule for "auto"
-    return f"AdamW auto = {'fused' if device.type == 'cuda' else 'foreach'}"
+    return f"AdamW auto = {'fused' if device.type in ('cuda', 'cpu') else 'foreach'}"
 
 
 def _transformers_version() -> str:

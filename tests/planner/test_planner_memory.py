@@ -16,17 +16,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.distributed._tools.mem_tracker import MemTracker
 from torch.distributed.tensor import DTensor
 
-from llama_dist.losses import cross_entropy_loss
-from llama_dist.models import Llama, LlamaConfig, get_preset
-from llama_dist.parallel import ACConfig, ParallelConfig, loss_context
-from llama_dist.parallel.ac import apply_ac
+from llama_dist.models import LlamaConfig, get_preset
+from llama_dist.parallel import ACConfig, ParallelConfig
+from llama_dist.planner.measure import formula_kept, measure_parallel, measure_single
 from llama_dist.planner.memory import (
     Layout,
     estimate_memory,
-    head_activation_terms,
     layer_activation_bytes,
     local_param_count,
 )
@@ -39,33 +36,8 @@ BATCH, SEQ = 2, 128
 TOLERANCE = 0.02
 
 
-def _activation(tracker: MemTracker, which: str) -> int:
-    snapshot = tracker.get_tracker_snapshot(which)
-    device = next(d for d in snapshot if d.type == "cpu")
-    return next(v for k, v in snapshot[device].items() if getattr(k, "value", "") == "Activation")
-
-
-def formula_kept(cfg: LlamaConfig, *, p: int, tp: int = 1, sp: bool = True, ac: str) -> float:
-    per_layer = layer_activation_bytes(cfg, p=p, tp=tp, sp=sp, ac=ac)
-    head = sum(head_activation_terms(cfg, p=p, tp=tp, sp=sp).values())
-    return BATCH * SEQ * (cfg.n_layers * per_layer + head)
-
-
-def measure_single(cfg: LlamaConfig, dtype: torch.dtype, ac: str) -> tuple[int, int]:
-    """(activations alive after forward, peak activations over forward + backward)."""
-    torch.manual_seed(0)
-    tokens = torch.randint(0, cfg.vocab_size, (BATCH, SEQ + 1))
-    model = Llama(cfg)
-    model.init_weights(0)
-    model.to(dtype)
-    apply_ac(model, ACConfig(mode=ac))
-    tracker = MemTracker()
-    tracker.track_external(model)
-    with tracker:
-        loss = cross_entropy_loss(model(tokens[:, :-1]), tokens[:, 1:])
-        kept = _activation(tracker, "current")
-        loss.backward()
-    return kept, _activation(tracker, "peak")
+def formula(cfg: LlamaConfig, **kw) -> float:
+    return formula_kept(cfg, batch=BATCH, seq=SEQ, **kw)
 
 
 SHAPES = {
@@ -84,8 +56,8 @@ def test_kept_activations_match_formula_per_policy(shape, dtype):
     cfg = SHAPES[shape]
     p = dtype.itemsize
     for ac in POLICIES:
-        kept, peak = measure_single(cfg, dtype, ac)
-        expected = formula_kept(cfg, p=p, ac=ac)
+        kept, peak = measure_single(cfg, dtype=dtype, ac=ac, batch=BATCH, seq=SEQ)
+        expected = formula(cfg, p=p, ac=ac)
         assert kept == pytest.approx(expected, rel=TOLERANCE), (ac, kept, expected)
         # The planner's peak (kept + one recomputed layer or the logits) bounds the measured one.
         est = estimate_memory(
@@ -106,30 +78,13 @@ def test_per_layer_formulas_in_closed_form():
 
 
 def _tp_worker() -> list[tuple]:
-    from llama_dist.parallel.mesh import build_mesh
-    from llama_dist.parallel.parallelize import init_weights_parallel, parallelize_llama
-
     cfg = SHAPES["gqa"]
     out = []
     layouts = [(2, sp, ac) for sp in (True, False) for ac in POLICIES] + [(1, True, "none")]
     for tp, sp, ac in layouts:
         pc = ParallelConfig(tp=tp, sequence_parallel=sp, ac=ACConfig(mode=ac))
-        pc.validate(2, cfg)
-        mesh = build_mesh(pc, device="cpu")
-        with torch.device("meta"):
-            model = Llama(cfg)
-        parallelize_llama(model, mesh, pc)
-        model.to_empty(device="cpu")
-        init_weights_parallel(model, 0)
+        kept, model = measure_parallel(cfg, pc, batch=BATCH, seq=SEQ)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        torch.manual_seed(0)
-        tokens = torch.randint(0, cfg.vocab_size, (BATCH, SEQ + 1))
-        tracker = MemTracker()
-        tracker.track_external(model)
-        with tracker, loss_context(pc):
-            loss = cross_entropy_loss(model(tokens[:, :-1]), tokens[:, 1:])
-            kept = _activation(tracker, "current")
-            loss.backward()
         optimizer.step()
 
         def local(t):
@@ -149,7 +104,7 @@ def _tp_worker() -> list[tuple]:
 def test_tensor_parallel_and_fsdp_memory_match_formulas():
     cfg = SHAPES["gqa"]
     for tp, sp, ac, kept, param_bytes, state_bytes in run_distributed(_tp_worker, 2):
-        expected = formula_kept(cfg, p=4, tp=tp, sp=sp, ac=ac)
+        expected = formula(cfg, p=4, tp=tp, sp=sp, ac=ac)
         assert kept == pytest.approx(expected, rel=TOLERANCE), (tp, sp, ac, kept, expected)
         layout = Layout(tp=tp, dp_shard=2 // tp, micro_batch=BATCH, ac=ac, sequence_parallel=sp)
         est = estimate_memory(cfg, layout, seq_len=SEQ, grad_accum=1, act_bytes=4, param_bytes=4)

@@ -58,7 +58,7 @@ def build_adamw(
     """AdamW (llama2.md: 0.9/0.95, eps 1e-5, wd 0.1) over the model's parameters.
 
     Norm weights get no weight decay unless `decay_norms`. implementation: "fused", "foreach",
-    "for-loop", or "auto" (fused on CUDA, foreach elsewhere). Parameter groups never mix
+    "for-loop", or "auto" (fused on CUDA and CPU, foreach elsewhere). Parameter groups never mix
     DTensors with plain tensors, so foreach and fused kernels apply everywhere.
     """
     if implementation not in ("auto", "fused", "foreach", "for-loop"):
@@ -67,8 +67,10 @@ def build_adamw(
         )
     params = [p for p in model.parameters() if p.requires_grad]
     if implementation == "auto":
-        on_cuda = bool(params) and params[0].device.type == "cuda"
-        implementation = "fused" if on_cuda else "foreach"
+        # torch's fused kernel exists for CUDA and CPU; on CPU it is 2-4x faster than foreach
+        # (tiny preset: 12 ms vs 55 ms per fp32 step, benchmarks/README.md).
+        device = params[0].device.type if params else "cpu"
+        implementation = "fused" if device in ("cuda", "cpu") else "foreach"
     decay = [p for p in params if p.ndim >= 2 or decay_norms]
     no_decay = [p for p in params if p.ndim < 2 and not decay_norms]
     groups = []
