@@ -23,6 +23,7 @@ import torch
 from llama_dist.models import LlamaConfig, get_preset
 from llama_dist.parallel import ACConfig, ParallelConfig
 from llama_dist.planner.measure import formula_kept, measure_parallel, measure_single
+from llama_dist.planner.memory import layer_activation_bytes
 from llama_dist.testing.distributed import run_distributed
 
 POLICIES = ("none", "selective", "full")
@@ -92,38 +93,38 @@ def main(argv: list[str] | None = None) -> int:
         "Korthikanti GPT: the paper's GPT-layer formula at the same s, b, h, a",
         "",
         "| model | dtype | batch x seq | layout | AC | measured MiB | formula MiB "
-        "| measured / formula | Korthikanti GPT MiB |",
-        "|---|---|---|---|---|---:|---:|---:|---:|",
+        "| measured / formula | formula, layers only MiB | Korthikanti GPT layers MiB |",
+        "|---|---|---|---|---|---:|---:|---:|---:|---:|",
     ]
     worst = 0.0
 
-    def row(case: Case, layout: str, ac: str, kept: float, expected: float, gpt: float) -> None:
+    def row(case: Case, layout: str, ac: str, kept: float, tp: int = 1, sp: bool = True):
         nonlocal worst
+        p = case.dtype.itemsize
+        size = dict(batch=case.batch, seq=case.seq, p=p, ac=ac)
+        expected = formula_kept(case.cfg, tp=tp, sp=sp, **size)
+        layers = case.batch * case.seq * case.cfg.n_layers
+        layers *= layer_activation_bytes(case.cfg, p=p, tp=tp, sp=sp, ac=ac)
+        gpt = korthikanti_gpt(case.cfg, **size) / tp
         worst = max(worst, abs(kept / expected - 1))
         dtype = str(case.dtype).removeprefix("torch.")
         lines.append(
             f"| {case.name} | {dtype} | {case.batch} x {case.seq} | {layout} | {ac} | "
-            f"{kept / MIB:.2f} | {expected / MIB:.2f} | {kept / expected:.4f} | {gpt / MIB:.2f} |"
+            f"{kept / MIB:.2f} | {expected / MIB:.2f} | {kept / expected:.4f} | "
+            f"{layers / MIB:.2f} | {gpt / MIB:.2f} |"
         )
         print(lines[-1], flush=True)
 
     for case in cases(not args.no_full_width):
-        p = case.dtype.itemsize
         for ac in POLICIES:
             kept, _ = measure_single(
                 case.cfg, dtype=case.dtype, ac=ac, batch=case.batch, seq=case.seq
             )
-            expected = formula_kept(case.cfg, batch=case.batch, seq=case.seq, p=p, ac=ac)
-            gpt = korthikanti_gpt(case.cfg, batch=case.batch, seq=case.seq, p=p, ac=ac)
-            row(case, "1 process", ac, kept, expected, gpt)
+            row(case, "1 process", ac, kept)
 
     tp_case = cases(False)[0]
     for sp, ac, kept in run_distributed(tp_worker, 2, tp_case.cfg, tp_case.batch, tp_case.seq):
-        expected = formula_kept(
-            tp_case.cfg, batch=tp_case.batch, seq=tp_case.seq, p=4, ac=ac, tp=2, sp=sp
-        )
-        gpt = korthikanti_gpt(tp_case.cfg, batch=tp_case.batch, seq=tp_case.seq, p=4, ac=ac) / 2
-        row(tp_case, f"tp 2{' + sp' if sp else ''} (per rank)", ac, kept, expected, gpt)
+        row(tp_case, f"tp 2{' + sp' if sp else ''} (per rank)", ac, kept, tp=2, sp=sp)
 
     lines += [
         "",
