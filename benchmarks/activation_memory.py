@@ -81,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-full-width", action="store_true", help="skip the 7b / 70b single-layer cases"
     )
+    parser.add_argument(
+        "--quick", action="store_true", help="only the small fp32 case, one process (a smoke test)"
+    )
     args = parser.parse_args(argv)
 
     started = time.time()
@@ -115,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(lines[-1], flush=True)
 
-    for case in cases(not args.no_full_width):
+    for case in cases(False)[:1] if args.quick else cases(not args.no_full_width):
         for ac in POLICIES:
             kept, _ = measure_single(
                 case.cfg, dtype=case.dtype, ac=ac, batch=case.batch, seq=case.seq
@@ -123,7 +126,10 @@ def main(argv: list[str] | None = None) -> int:
             row(case, "1 process", ac, kept)
 
     tp_case = cases(False)[0]
-    for sp, ac, kept in run_distributed(tp_worker, 2, tp_case.cfg, tp_case.batch, tp_case.seq):
+    tp_rows = (
+        [] if args.quick else run_distributed(tp_worker, 2, tp_case.cfg, tp_case.batch, tp_case.seq)
+    )
+    for sp, ac, kept in tp_rows:
         row(tp_case, f"tp 2{' + sp' if sp else ''} (per rank)", ac, kept, tp=2, sp=sp)
 
     lines += [
