@@ -446,3 +446,21 @@ def test_incomplete_or_foreign_folders_are_refused(tmp_path, single):
         manager.load(single["path"], {"data_loader": {}})
     with pytest.raises(ValueError, match="keep_last=0"):
         CheckpointManager(tmp_path, model_config=MODEL, keep_last=0)
+
+
+def test_failing_to_delete_an_old_checkpoint_keeps_the_new_one(tmp_path, monkeypatch, keep_rng):
+    trainer = Trainer(None, seed=2)
+    manager = CheckpointManager(tmp_path, model_config=MODEL, keep_last=1)
+    manager.save(1, trainer.states())
+
+    def refuse(path, *args, **kwargs):
+        raise OSError("simulated: read-only file system")
+
+    monkeypatch.setattr("llama_dist.checkpoint.manager.shutil.rmtree", refuse)
+    messages = capture_logs()
+    manager.save(2, trainer.states())  # does not raise
+    assert manager.latest().name == "step-00000002"
+    assert any("could not delete old checkpoint" in m for m in messages), messages
+    monkeypatch.undo()
+    manager.save(3, trainer.states())  # the next save retries: only the newest is kept
+    assert listing(tmp_path) == ["step-00000003"]

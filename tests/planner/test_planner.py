@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from statistics import median
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -34,7 +35,9 @@ def plan(*overrides: str) -> subprocess.CompletedProcess:
 
 
 def test_plan_70b_on_2048_a100s_prints_layouts_that_fit_and_run():
-    out = plan("model=70b", "cluster.gpus=2048", "cluster.gpu=a100-80g", "top=3")
+    out = plan(
+        "model=70b", "cluster.gpus=2048", "cluster.gpu=a100-80g", "top=3", "data.seq_len=8192"
+    )
     assert out.returncode == 0, out.stderr
     rows = [line for line in out.stdout.splitlines() if re.match(r"\| \d+ \|", line)]
     assert len(rows) == 3
@@ -45,15 +48,19 @@ def test_plan_70b_on_2048_a100s_prints_layouts_that_fit_and_run():
     speeds = [float(row.split("|")[13].replace(",", "")) for row in rows]
     assert speeds == sorted(speeds, reverse=True)
 
-    # The printed overrides are a valid pretraining job on 2048 ranks.
-    overrides = next(
-        line.split() for line in out.stdout.splitlines() if line.strip().startswith("parallel.tp=")
-    )
+    # The printed command, and nothing else, is a valid pretraining job of that shape.
+    command = next(line for line in out.stdout.splitlines() if "launch/pretrain.py" in line)
+    overrides = command.split("launch/pretrain.py", 1)[1].split()
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = to_job_config(compose("pretrain", overrides=["model=70b", *overrides]))
-    validate_job(cfg, world_size=2048)
+        cfg = to_job_config(compose("pretrain", overrides=overrides))
+    model = validate_job(cfg, world_size=2048)
+    assert model.num_params() == get_preset("70b").num_params()
+    assert cfg.data.seq_len == 8192 and cfg.train.global_batch_tokens == 4_194_304
     assert cfg.parallel.dp * cfg.parallel.tp == 2048
+    first = rows[0].split("|")
+    assert cfg.parallel.tp == int(first[2]) and cfg.train.micro_batch == int(first[4])
+    assert cfg.train.grad_accum == int(first[5])
 
 
 @pytest.mark.parametrize(
@@ -61,7 +68,8 @@ def test_plan_70b_on_2048_a100s_prints_layouts_that_fit_and_run():
     [
         (["cluster.gpu=v100"], "unknown cluster.gpu='v100'"),
         (["cluster.gpus=12"], "not a whole number of nodes"),
-        (["train.global_batch_tokens=1000"], "multiple of train.seq_len"),
+        (["train.global_batch_tokens=1000"], "multiple of data.seq_len"),
+        (["cluster.gpus=24", "search.tp=[1]"], "no layout divides this job"),
         (["cluster.matmul_eff=0"], "must be positive"),
     ],
 )
@@ -126,6 +134,41 @@ def test_memory_shrinks_with_sharding_and_recomputation():
     )
 
 
+def test_layouts_the_trainer_refuses_are_not_proposed():
+    # tp 3 divides 48 heads but not the vocabulary (32,000): the trainer refuses it.
+    cfg = get_preset("7b").replace(n_heads=48, n_kv_heads=48, dim=4608)
+    fit, too_big = search(
+        cfg,
+        get_gpu("h100-sxm"),
+        gpus=48,
+        gpus_per_node=8,
+        seq_len=4096,
+        global_batch=96,
+        space=SearchSpace(tp=[1, 3]),
+        reserved_gib=4.0,
+    )
+    assert fit and {p.layout.tp for p in fit + too_big} == {1}
+
+
+def test_hsdp_all_reduce_is_charged_on_every_syncing_micro_batch():
+    """grad_sync=every adds 3 reduce-scatters over 4 micro-batches to FSDP, and 3 reduce-
+    scatters + 3 replica all-reduces to HSDP with the same shard group."""
+    cfg, gpu = get_preset("7b"), get_gpu("a100-80g")
+
+    def extra(replicas: int) -> float:
+        job = dict(seq_len=4096, global_batch=8 * replicas * 4, gpus_per_node=8)  # 4 micro-batches
+        times = {
+            sync: estimate_step(
+                cfg, Layout(dp_shard=8, dp_replicate=replicas, grad_sync=sync), gpu, **job
+            ).fsdp_comm_s
+            for sync in ("last", "every")
+        }
+        return times["every"] - times["last"]
+
+    assert extra(1) > 0
+    assert extra(8) - extra(1) > 1e-3  # the replicas' all-reduce, three more times
+
+
 def test_group_bandwidth_within_and_across_nodes():
     gpu = get_gpu("h100-sxm")
     nvlink = gpu.nvlink_bytes_s * gpu.nvlink_eff
@@ -166,5 +209,8 @@ def test_validation_covers_published_points_with_bounded_error():
     sources = {r.point.source.split(",")[0].split(" (")[0].split(":")[0] for r in rows}
     assert len(sources) >= 5, sources
     errors = sorted(abs(r.error) for r in rows)
-    assert errors[len(errors) // 2] < 0.2  # median
-    assert max(errors) < 0.6
+    assert median(errors) < 0.15
+    assert max(errors) < 0.5
+    # The FSDP points on A100, whose hardware the GPU table describes exactly: within 16%.
+    a100 = [r for r in rows if r.point.gpu == "a100-80g" and r.point.layout is not None]
+    assert len(a100) >= 8 and all(abs(r.error) <= 0.16 for r in a100), [r.error for r in a100]

@@ -263,7 +263,7 @@ class CheckpointManager:
             if _rank() == 0:
                 try:
                     self._finalize(tmp, final, started)
-                except Exception as e:  # noqa: BLE001 - raised on every rank just below
+                except BaseException as e:  # noqa: BLE001 - raised on every rank just below
                     error = e
             # Every rank sees the final folder once save returns, or every rank raises.
             self._raise_together(error)
@@ -327,9 +327,20 @@ class CheckpointManager:
             return
         for _, old in step_checkpoints(self.folder)[: -self.keep_last]:
             trash = old.with_name(f".{old.name}.trash")
-            # Renamed first: a removal cut short leaves a hidden folder, not a broken checkpoint.
-            old.rename(trash)
-            shutil.rmtree(trash)
+            try:
+                # Renamed first: a removal cut short leaves a hidden folder, not a broken one.
+                old.rename(trash)
+                shutil.rmtree(trash)
+            except OSError as error:
+                # The new checkpoint is complete; failing to delete an old one loses nothing.
+                logger.warning(
+                    "could not delete old checkpoint %s (%s); %s is complete. Free the space by "
+                    "hand; the next save retries",
+                    old,
+                    error,
+                    final,
+                )
+                continue
             logger.info("deleted checkpoint %s (keep_last=%d)", old, self.keep_last)
 
     def _remove_leftovers(self) -> None:

@@ -72,6 +72,8 @@ class MetricsLogger:
                 name=Path(run_dir).name,
                 resume="allow",
             )
+            self._wandb.define_metric("trainer/step")
+            self._wandb.define_metric("*", step_metric="trainer/step")
 
     def advance(self, step: int) -> None:
         if self._bar is not None:
@@ -88,7 +90,11 @@ class MetricsLogger:
         if self._bar is not None:
             self._bar.write(f"[{kind} step {step}] {shown}")
         if self._wandb is not None:
-            self._wandb.log({f"{kind}/{k}": v for k, v in metrics.items()}, step=step)
+            # The training step is a metric, not wandb's own step counter: a job resumed from
+            # an earlier checkpoint logs steps again, which wandb's counter would drop.
+            self._wandb.log(
+                {"trainer/step": step, **{f"{kind}/{k}": v for k, v in metrics.items()}}
+            )
 
     def close(self) -> None:
         if self._bar is not None:

@@ -44,15 +44,20 @@ class ClusterConfig:
 
 
 @dataclass
+class PlanDataConfig:
+    seq_len: int = 4096  # as the trainer's data.seq_len
+
+
+@dataclass
 class PlanTrainConfig:
-    seq_len: int = 4096
-    global_batch_tokens: int = 4_194_304  # Llama 2: 4M tokens (llama2.md)
+    global_batch_tokens: int = 4_194_304  # Llama 2: 4M tokens (llama2.md); as the trainer's
 
 
 @dataclass
 class PlanConfig:
     model: ModelConfig = field(default_factory=lambda: ModelConfig(preset="7b"))
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    data: PlanDataConfig = field(default_factory=PlanDataConfig)
     train: PlanTrainConfig = field(default_factory=PlanTrainConfig)
     search: SearchSpace = field(default_factory=SearchSpace)
     top: int = 5
@@ -90,12 +95,25 @@ def plan_table(plans: list[Plan]) -> list[str]:
     return lines
 
 
-def breakdown(plan: Plan, model: LlamaConfig, seq_len: int) -> list[str]:
+def job_overrides(cfg: PlanConfig, seq: int) -> list[str]:
+    """The pretraining job's model, sequence and batch as Hydra overrides."""
+    model = [f"model={cfg.model.preset}"]
+    for name, value in vars(cfg.model).items():
+        if name != "preset" and value is not None:
+            model.append(f"model.{name}={value}")
+    return [
+        *model,
+        f"data.seq_len={seq}",
+        f"train.global_batch_tokens={cfg.train.global_batch_tokens}",
+    ]
+
+
+def breakdown(plan: Plan, model: LlamaConfig, job: list[str]) -> list[str]:
     lo = plan.layout
     lines = [
-        f"Best layout: {lo.describe()}; to run it, add to launch/pretrain.py:",
+        f"Best layout: {lo.describe()}; to run it:",
         "",
-        "    " + " ".join(lo.overrides()),
+        f"    torchrun ... launch/pretrain.py {' '.join(job + lo.overrides())}",
         "",
         "| memory per GPU | GiB |",
         "|---|---:|",
@@ -119,14 +137,14 @@ def breakdown(plan: Plan, model: LlamaConfig, seq_len: int) -> list[str]:
 def run(cfg: PlanConfig) -> str:
     model = cfg.model.build()
     gpu = cfg.cluster.build()
-    seq = cfg.train.seq_len
-    if model.max_seq_len < seq:
-        model = model.replace(max_seq_len=seq)
-    if seq <= 0 or cfg.train.global_batch_tokens % seq:
+    seq = cfg.data.seq_len
+    if seq <= 0 or cfg.train.global_batch_tokens <= 0 or cfg.train.global_batch_tokens % seq:
         raise ValueError(
             f"train.global_batch_tokens={cfg.train.global_batch_tokens} must be a positive "
-            f"multiple of train.seq_len={seq}"
+            f"multiple of data.seq_len={seq}"
         )
+    if model.max_seq_len < seq:
+        model = model.replace(max_seq_len=seq)
     global_batch = cfg.train.global_batch_tokens // seq
     fit, too_big = search(
         model,
@@ -149,8 +167,18 @@ def run(cfg: PlanConfig) -> str:
         f"{len(fit)} of {len(fit) + len(too_big)} layouts fit",
         "",
     ]
+    if not fit and not too_big:
+        raise ValueError(
+            f"no layout divides this job: the global batch of {global_batch} sequences must "
+            "divide by micro_batch x dp for some tp in search.tp and micro_batch in "
+            f"search.micro_batch (tp={list(cfg.search.tp)}, micro_batch="
+            f"{list(cfg.search.micro_batch)}, {cfg.cluster.gpus} GPUs), and tp must divide the "
+            "model's heads, FFN and vocabulary; change train.global_batch_tokens, cluster.gpus "
+            "or the search lists"
+        )
+    job = job_overrides(cfg, seq)
     if fit:
-        lines += plan_table(fit[: cfg.top]) + [""] + breakdown(fit[0], model, seq)
+        lines += plan_table(fit[: cfg.top]) + [""] + breakdown(fit[0], model, job)
     else:
         lines += ["No layout fits. The smallest:", ""] + plan_table(too_big[: cfg.top])
         lines += ["", "Use more GPUs, a larger tp, full recomputation or a smaller micro-batch."]

@@ -3,7 +3,8 @@
 The achievable fractions (matmul, attention, memory bandwidth, collectives) are typical values
 of cuBLAS, FlashAttention-2 and NCCL benchmarks on these parts, fixed in advance; they are not
 fitted to the published training throughputs the planner is validated against
-(`llama_dist.planner.validation`). Every one can be overridden per run (`cluster.*`).
+(`llama_dist.planner.validation`). The NIC bandwidth, matmul and attention efficiencies and the
+latency can be overridden per run (`cluster.*`).
 """
 
 from __future__ import annotations

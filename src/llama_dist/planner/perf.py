@@ -16,8 +16,9 @@ Per micro-batch on one GPU:
   of fp32 gradients on the micro-batches that sync, over NVLink when the shard group fits in a
   node and over the NICs otherwise, each ring step across nodes costing a latency; overlapped
   with compute by prefetching, except the first gather and the last reduce;
-- HSDP: an all-reduce of the gradient shards across replicas on the last micro-batch;
-- the optimizer: AdamW reads and writes 28 bytes per local parameter.
+- HSDP: an all-reduce of the gradient shards across replicas on each micro-batch that syncs;
+- the optimizer: AdamW reads and writes 28 bytes per local parameter, the gradient norm
+  reads 4 more.
 """
 
 from __future__ import annotations
@@ -133,7 +134,7 @@ def estimate_step(
     step = compute_total = tp_total = fsdp_total = exposed = 0.0
     for i in range(accum):
         sync = layout.grad_sync == "every" or i == accum - 1
-        fsdp = gather + regather + (reduce if sync else 0.0) + (all_reduce if i == accum - 1 else 0)
+        fsdp = gather + regather + ((reduce + all_reduce) if sync else 0.0)
         busy = compute + tp_comm
         mb_time = max(busy, fsdp) + (edge if n > 1 else 0.0)
         step += mb_time

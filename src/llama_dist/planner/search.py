@@ -70,12 +70,9 @@ def evaluate(
     global_batch: int,
     gpus_per_node: int,
 ) -> Plan:
-    """Memory and step time of one layout (which must divide the job)."""
-    if cfg.n_heads % layout.tp or cfg.num_kv_heads % layout.tp:
-        raise ValueError(
-            f"tp={layout.tp} must divide the query heads ({cfg.n_heads}) and kv heads "
-            f"({cfg.num_kv_heads})"
-        )
+    """Memory and step time of one layout; raises ValueError, as the trainer would, for a
+    layout the trainer cannot run (tp not dividing heads, FFN, vocabulary or sequence...)."""
+    layout.parallel_config().validate(layout.gpus, cfg, seq_len=seq_len)
     per_step = layout.micro_batch * layout.dp
     if global_batch % per_step:
         raise ValueError(
@@ -135,16 +132,19 @@ def search(
                 reduce_dtype=reduce,
                 compile=comp,
             )
-            plan = evaluate(
-                cfg,
-                layout,
-                gpu,
-                seq_len=seq_len,
-                global_batch=global_batch,
-                gpus_per_node=gpus_per_node,
-            )
+            try:
+                plan = evaluate(
+                    cfg,
+                    layout,
+                    gpu,
+                    seq_len=seq_len,
+                    global_batch=global_batch,
+                    gpus_per_node=gpus_per_node,
+                )
+            except ValueError:
+                continue  # a layout the trainer would refuse
             (fit if plan.fits(budget) else too_big).append(plan)
-    # Fastest first; among equally fast ones (within 0.1%), the one using less memory.
+    # Fastest first (to 10 tokens/s); among equally fast ones, the one using less memory.
     fit.sort(key=lambda p: (-round(p.step.tokens_per_s_per_gpu, -1), p.memory.total))
     too_big.sort(key=lambda p: p.memory.total)
     return fit, too_big

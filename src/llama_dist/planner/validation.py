@@ -17,6 +17,8 @@ from llama_dist.planner.hardware import get_gpu
 from llama_dist.planner.memory import Layout
 from llama_dist.planner.search import SearchSpace, evaluate, search
 
+RESERVED_GIB = 4.0  # as cluster.reserved_gib
+
 # Llama 3 / 3.1 shapes (public configs): 128,256-token vocabulary, 8 kv heads.
 LLAMA3_8B = LlamaConfig(
     dim=4096,
@@ -75,11 +77,11 @@ def _fsdp(
     )
 
 
-TT_A100 = "torchtitan docs/performance.md, 64 A100 FSDP2"
-FMS_A100 = "fms-fsdp (PyTorch blog 2024-03-13), 128 A100"
-FMS_H100 = "fms-fsdp (PyTorch blog 2024-03-13), 96 H100"
-TT_H100 = "torchtitan docs/performance.md (Llama 3.1), FSDP"
-MCORE = "Megatron-Core (NVIDIA dgxc-benchmarking, NeMo 24.09)"
+TT_A100 = "torchtitan docs/performance.md @0413364, 64 A100 FSDP2"
+FMS_A100 = "fms-fsdp (PyTorch blog 2024-03-13), 128 A100, 400 Gb/s read as per node"
+FMS_H100 = "fms-fsdp (PyTorch blog 2024-03-13), 96 H100, 800 Gb/s read as per node"
+TT_H100 = "torchtitan docs/performance.md @eaea6f6 (Llama 3.1), FSDP"
+MCORE = "Megatron-Core (NVIDIA dgxc-benchmarking @143b90d, NeMo 24.09)"
 POINTS = [
     Point(
         "Llama 2 paper: 184,320 GPU hours / 2T tokens",
@@ -103,7 +105,17 @@ POINTS = [
         None,
         note="GPU count not published (2048 assumed); eager; 350-400 W caps",
     ),
-    Point(TT_A100, "Llama 3 8B", "a100-80g", 64, 8192, 64, 2973, _fsdp(64, 1, "selective")),
+    Point(
+        TT_A100,
+        "Llama 3 8B",
+        "a100-80g",
+        64,
+        8192,
+        64,
+        2973,
+        _fsdp(64, 1, "selective"),
+        note="source: selective op AC (every other matmul recomputed)",
+    ),
     Point(TT_A100, "Llama 3 70B", "a100-80g", 64, 8192, 64, 331, _fsdp(64, 1, "full")),
     Point(TT_A100, "Llama 2 13B", "a100-80g", 64, 4096, 128, 2162, _fsdp(64, 2, "none")),
     Point(TT_A100, "Llama 2 70B", "a100-80g", 64, 4096, 128, 353, _fsdp(64, 2, "full")),
@@ -139,7 +151,7 @@ POINTS = [
         4096,
         256,
         700,
-        _fsdp(128, 2, "full", 1, "bf16", compile=True),
+        _fsdp(128, 2, "full", 1, "bf16"),
         nic_gbps=400 / 8,
     ),
     Point(
@@ -150,7 +162,7 @@ POINTS = [
         4096,
         256,
         370,
-        _fsdp(128, 2, "full", 1, "bf16", compile=True),
+        _fsdp(128, 2, "full", 1, "bf16"),
         nic_gbps=400 / 8,
     ),
     Point(
@@ -185,7 +197,7 @@ POINTS = [
         4096,
         192,
         1550,
-        _fsdp(96, 2, "full", 1, "bf16", compile=True),
+        _fsdp(96, 2, "full", 1, "bf16"),
         nic_gbps=800 / 8,
     ),
     Point(
@@ -196,7 +208,7 @@ POINTS = [
         4096,
         192,
         800,
-        _fsdp(96, 2, "full", 1, "bf16", compile=True),
+        _fsdp(96, 2, "full", 1, "bf16"),
         nic_gbps=800 / 8,
     ),
     Point(
@@ -242,7 +254,8 @@ POINTS = [
         128,
         10153,
         _fsdp(8, 1, "none", compile=True),
-        note="source: TP1 CP2 DP4, fused kernels; context parallelism is not modelled, "
+        note="source: TP1 CP2 DP4, fused kernels, AC not stated (planned without); context "
+        "parallelism is not modelled, "
         "planned as FSDP 8 compiled",
     ),
     Point(
@@ -257,7 +270,7 @@ POINTS = [
         note="source: TP1 CP2 DP64; planned as FSDP 128",
     ),
     Point(
-        "OLMo-core README, Llama-8B script, H100",
+        "OLMo-core README @a7de3f6, Llama-8B script, H100",
         "Llama 3 8B",
         "h100-sxm",
         64,
@@ -265,7 +278,8 @@ POINTS = [
         1024,
         9500,
         _fsdp(64, 2, "none", compile=True),
-        note="GPU count not stated (64 assumed); torch.compile",
+        note="GPU count not stated (64 assumed); torch.compile; source vocabulary ~100k, "
+        "planned with Llama 3's 128,256",
     ),
 ]
 
@@ -277,6 +291,11 @@ class Row:
     predicted: float
     mfu: float
     memory_gib: float
+    budget_gib: float  # the GPU's memory less the planner's default reserve
+
+    @property
+    def over_budget(self) -> bool:
+        return self.memory_gib > self.budget_gib
 
     @property
     def error(self) -> float:
@@ -296,7 +315,12 @@ def predict(point: Point) -> Row:
     else:
         plan = evaluate(cfg, point.layout, gpu, **job)
     return Row(
-        point, plan.layout, plan.step.tokens_per_s_per_gpu, plan.step.mfu, plan.memory.total / 2**30
+        point,
+        plan.layout,
+        plan.step.tokens_per_s_per_gpu,
+        plan.step.mfu,
+        plan.memory.total / 2**30,
+        gpu.memory_gib - RESERVED_GIB,
     )
 
 
@@ -308,17 +332,16 @@ def validation_report() -> str:
     rows = validation_rows()
     lines = [
         "| source | model | GPUs | seq | layout | published tok/s/GPU | planned tok/s/GPU "
-        "| error | planned MFU | planned GiB | note |",
+        "| error | planned MFU | planned GiB (over: above the budget) | note |",
         "|---|---|---|---:|---|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         p = r.point
         lines.append(
             f"| {p.source} | {p.model} | {p.gpus} x {p.gpu} | {p.seq_len} | "
-            f"{r.layout.describe()}{' compiled' if r.layout.compile else ''}"
-            f"{'' if p.layout else ' (planner best)'} | {p.published:,.0f} | "
+            f"{r.layout.describe()}{'' if p.layout else ' (planner best)'} | {p.published:,.0f} | "
             f"{r.predicted:,.0f} | {100 * r.error:+.0f}% | {100 * r.mfu:.0f}% | "
-            f"{r.memory_gib:.0f} | {p.note} |"
+            f"{r.memory_gib:.0f}{' (over)' if r.over_budget else ''} | {p.note} |"
         )
     errors = [abs(r.error) for r in rows]
     lines += [
