@@ -51,7 +51,7 @@ def _shard_sizes(dp: int, tp: int, gpus_per_node: int, hsdp: bool) -> list[int]:
 def check_job(cfg: LlamaConfig, *, gpus: int, gpus_per_node: int, seq_len: int, global_batch: int):
     if gpus < 1 or gpus_per_node < 1 or seq_len < 1 or global_batch < 1:
         raise ValueError(
-            f"cluster.gpus={gpus}, cluster.gpus_per_node={gpus_per_node}, train.seq_len={seq_len} "
+            f"cluster.gpus={gpus}, cluster.gpus_per_node={gpus_per_node}, data.seq_len={seq_len} "
             f"and the global batch ({global_batch} sequences) must all be positive"
         )
     if gpus > gpus_per_node and gpus % gpus_per_node:
