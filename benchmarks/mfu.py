@@ -53,8 +53,8 @@ _HF_AC_MODES = ("none", "full")
 _WORKER_FLAG = "--run-setting"  # internal: argv of a setting's process is [flag, JSON spec]
 _RESULT_PREFIX = "MFU_BENCH_RESULT "
 # Candidate changes to src/llama_dist, measured on our model in the setting's process before
-# making them: rope-complex and sdpa-gqa change models/llama.py (see `patch_ours_`).
-OURS_PATCHES = ("rope-complex", "sdpa-gqa")
+# making them: sdpa-gqa changes models/llama.py (see `patch_ours_`).
+OURS_PATCHES = ("sdpa-gqa",)
 _GIB = 2**30
 
 
@@ -230,22 +230,12 @@ def _cast_parameters_(model: torch.nn.Module, dtype: torch.dtype) -> None:
         p.data = p.data.to(dtype)
 
 
-def _apply_rotary_complex(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """`apply_rotary` as one complex multiplication, as Meta's reference code writes it: the
-    same values (pairs x[2i], x[2i+1] are the complex numbers), one kernel instead of seven."""
-    rot = torch.complex(cos, sin)
-    rot = rot[None, :, None, :] if rot.dim() == 2 else rot[:, :, None, :]
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-    return torch.view_as_real(pairs * rot).flatten(-2).type_as(x)
-
-
 def _patched_attention_forward(patches: Sequence[str]) -> Callable:
-    """`Attention.forward` (its training path) with the changes in `patches`:
-    rope-complex uses `_apply_rotary_complex`; sdpa-gqa lets SDPA serve n_rep query heads per
-    key/value head (enable_gqa) instead of copying each key/value head n_rep times."""
-    from llama_dist.models.llama import apply_rotary
+    """`Attention.forward` (its training path) with the changes in `patches`: sdpa-gqa lets
+    SDPA serve n_rep query heads per key/value head (enable_gqa) instead of copying each
+    key/value head n_rep times."""
+    from llama_dist.models.llama import apply_rotary as rotary
 
-    rotary = _apply_rotary_complex if "rope-complex" in patches else apply_rotary
     sdpa_gqa = "sdpa-gqa" in patches
 
     def forward(self, x, cos, sin, mask, *, kv_cache=None) -> torch.Tensor:
@@ -273,7 +263,7 @@ def _patched_attention_forward(patches: Sequence[str]) -> Callable:
 def patch_ours_(model: torch.nn.Module, patches: Sequence[str]) -> None:
     """Give every attention layer of this model instance the patched forward; other instances
     and llama_dist itself are untouched."""
-    if not {"rope-complex", "sdpa-gqa"} & set(patches):
+    if "sdpa-gqa" not in patches:
         return
     forward = _patched_attention_forward(patches)
     for block in model.layers.values():

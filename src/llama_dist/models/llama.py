@@ -50,13 +50,19 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """Rotate consecutive pairs (x[2i], x[2i+1]) of each head: Meta's complex-number layout.
 
     x: (bsz, seqlen, heads, head_dim); cos, sin: (seqlen, head_dim // 2) or
-    (bsz, seqlen, head_dim // 2) when every sequence has its own positions.
+    (bsz, seqlen, head_dim // 2) when every sequence has its own positions. Computed in fp32.
+    Eager, the pairs are complex numbers and the rotation one complex multiplication, as in
+    Meta's reference (one kernel, ~3x fewer bytes moved); inductor has no complex numbers, so
+    under torch.compile the same products are written out in real arithmetic.
     """
     if cos.dim() == 2:
         cos, sin = cos[None, :, None, :], sin[None, :, None, :]
     else:
         cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     pairs = x.float().unflatten(-1, (-1, 2))  # (bsz, seqlen, heads, head_dim // 2, 2)
+    if not torch.compiler.is_compiling():
+        rotated = torch.view_as_complex(pairs) * torch.complex(cos, sin)
+        return torch.view_as_real(rotated).flatten(-2).type_as(x)
     x0, x1 = pairs[..., 0], pairs[..., 1]
     rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
     return rotated.flatten(-2).type_as(x)

@@ -156,8 +156,9 @@ def layer_elementwise_bytes(
 
     Eager, each op of `models/llama.py` reads its inputs and writes its output: an RMSNorm
     (cast to fp32, normalise, cast back, scale) moves 24 bytes per element in bf16, the fp32
-    rotary of q and k about 48, the GQA expansion of k and v 2 (read) + 2 x n_rep (write),
-    SwiGLU's silu and product 10 per FFN element, each residual add 6 (bf16 figures).
+    complex rotary of q and k 20 (cast, one complex product, cast back), the GQA expansion of
+    k and v 2 (read) + 2 x n_rep (write), SwiGLU's silu and product 10 per FFN element, each
+    residual add 6 (bf16 figures).
     Compiled (fused), a layer moves about what it keeps for backward, written once and read
     once.
     """
@@ -168,7 +169,7 @@ def layer_elementwise_bytes(
     t = tp
     ts = tp if (sp and tp > 1) else 1
     norms_and_adds = 2 * (4 * p + 16) * h / ts + 2 * 3 * p * h / ts
-    rotary = (44 + 2 * p) * (h + kd) / t
+    rotary = (16 + 2 * p) * (h + kd) / t
     gqa = 2 * p * (kd + h) / t if cfg.n_heads != cfg.num_kv_heads else 0.0
     swiglu = 5 * p * f / t
     return norms_and_adds + rotary + gqa + swiglu

@@ -16,6 +16,8 @@ Per micro-batch on one GPU:
   of fp32 gradients on the micro-batches that sync, over NVLink when the shard group fits in a
   node and over the NICs otherwise, each ring step across nodes costing a latency; overlapped
   with compute by prefetching, except the first gather and the last reduce;
+- FSDP's copies: all-gather outputs into the unsharded parameters, gradients cast and copied
+  into the reduce-scatter buffer (or accumulated, between micro-batches), at memory bandwidth;
 - HSDP: an all-reduce of the gradient shards across replicas on each micro-batch that syncs;
 - the optimizer: AdamW reads and writes 28 bytes per local parameter, the gradient norm
   reads 4 more.
@@ -130,18 +132,28 @@ def estimate_step(
             shard_bytes, replicas, rbw, nodes=rnodes, latency_s=gpu.latency_s
         )
     edge = (gather + reduce) / (L + 2)  # first gather and last reduce-scatter: one group each
+    # FSDP's own memory traffic on the compute stream: copying each all-gather's output into
+    # the unsharded parameters (read + write bf16), and on a syncing micro-batch casting the
+    # gradients to the reduce dtype and copying them into the reduce-scatter buffer; on the
+    # others, adding them to the unsharded gradients kept between micro-batches.
+    hbm = gpu.hbm_bytes_s * gpu.hbm_eff
+    rb = layout.reduce_bytes
+    copy_gather = (2 * 2 if n > 1 else 0) * (2 if layout.reshard_after_forward != "never" else 1)
+    copy_sync = (2 + 3 * rb) * params_per_tp / hbm if n > 1 else 0.0
+    copy_accumulate = (2 + 2 * rb) * params_per_tp / hbm if n > 1 else 0.0
+    compute += copy_gather * params_per_tp / hbm
 
     step = compute_total = tp_total = fsdp_total = exposed = 0.0
     for i in range(accum):
         sync = layout.grad_sync == "every" or i == accum - 1
         fsdp = gather + regather + ((reduce + all_reduce) if sync else 0.0)
-        busy = compute + tp_comm
+        busy = compute + (copy_sync if sync else copy_accumulate) + tp_comm
         mb_time = max(busy, fsdp) + (edge if n > 1 else 0.0)
         step += mb_time
-        compute_total += compute
+        compute_total += compute + (copy_sync if sync else copy_accumulate)
         tp_total += tp_comm
         fsdp_total += fsdp
-        exposed += mb_time - compute
+        exposed += mb_time - busy + tp_comm
     n_local = local_param_count(cfg, t, n)
     optimizer = 32 * n_local / (gpu.hbm_bytes_s * gpu.hbm_eff)
     step += optimizer
