@@ -46,7 +46,9 @@ def test_plan_70b_on_2048_a100s_prints_layouts_that_fit_and_run():
         total = float(row.split("|")[10].split("/")[-1])
         assert total <= budget, row
     speeds = [float(row.split("|")[13].replace(",", "")) for row in rows]
-    assert speeds == sorted(speeds, reverse=True)
+    # Fastest first, to 10 tokens/s (ties go to the layout using less memory).
+    rounded = [round(x, -1) for x in speeds]
+    assert rounded == sorted(rounded, reverse=True)
 
     # The printed command, and nothing else, is a valid pretraining job of that shape.
     command = next(line for line in out.stdout.splitlines() if "launch/pretrain.py" in line)

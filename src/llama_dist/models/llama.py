@@ -61,7 +61,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
         cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     pairs = x.float().unflatten(-1, (-1, 2))  # (bsz, seqlen, heads, head_dim // 2, 2)
     if not torch.compiler.is_compiling():
-        rotated = torch.view_as_complex(pairs) * torch.complex(cos, sin)
+        rotated = torch.view_as_complex(pairs) * torch.complex(cos.float(), sin.float())
         return torch.view_as_real(rotated).flatten(-2).type_as(x)
     x0, x1 = pairs[..., 0], pairs[..., 1]
     rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
