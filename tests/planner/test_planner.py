@@ -206,6 +206,12 @@ def test_validation_table_is_committed_and_current():
     assert readme[readme.index(start) + len(start) : readme.index(end)].strip() == table
 
 
+def test_validate_command_writes_the_table(tmp_path):
+    out = plan("validate=true", f"out={tmp_path / 'table.md'}")
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "table.md").read_text() == VALIDATION_TABLE.read_text()
+
+
 def test_validation_covers_published_points_with_bounded_error():
     rows = validation_rows()
     sources = {r.point.source.split(",")[0].split(" (")[0].split(":")[0] for r in rows}
