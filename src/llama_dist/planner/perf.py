@@ -118,7 +118,7 @@ def estimate_step(
     # FSDP, per micro-batch, and HSDP once per step.
     n = layout.dp_shard
     bw, nodes = group_link(gpu, n, t * n, gpus_per_node)
-    params_per_tp = (cfg.num_params() - (L * 2 * h + h)) / t + (L * 2 * h + h)
+    params_per_tp = local_param_count(cfg, t, 1)  # one tp rank's share, unsharded over dp
     ring = dict(nodes=nodes, latency_s=gpu.latency_s)
     gather = _ring_time(2 * params_per_tp, n, bw, **ring)
     regather = gather if layout.reshard_after_forward != "never" else 0.0

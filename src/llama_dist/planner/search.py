@@ -104,8 +104,8 @@ def search(
     budget = (gpu.memory_gib - reserved_gib) * GIB
     fit, too_big = [], []
     for tp in space.tp:
-        if tp > gpus_per_node or gpus % tp or cfg.n_heads % tp or cfg.num_kv_heads % tp:
-            continue
+        if tp > gpus_per_node or gpus % tp:
+            continue  # what else the trainer refuses, evaluate() skips below
         dp = gpus // tp
         for shard, mb, ac, reshard, sync, reduce, comp in itertools.product(
             _shard_sizes(dp, tp, gpus_per_node, space.hsdp),

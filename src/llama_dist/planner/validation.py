@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from statistics import median
 
 from llama_dist.models.config import LlamaConfig, get_preset
-from llama_dist.planner.hardware import get_gpu
+from llama_dist.planner.cli import ClusterConfig
 from llama_dist.planner.memory import Layout
 from llama_dist.planner.search import SearchSpace, evaluate, search
 
@@ -77,6 +77,32 @@ def _fsdp(
     )
 
 
+def _fms_rows(source: str, gpu: str, gpus: int, node_gbps: float, published: dict) -> list:
+    """fms-fsdp's table for one cluster: Llama 2 at 4k, 2 sequences per GPU, bf16 reduce,
+    the same layouts on both clusters; its inter-node bandwidth is read as per node."""
+    layouts = {  # size: (recomputation, HSDP replicas, note)
+        "7B": ("none", gpus // 8, "HSDP within nodes"),
+        "13B": ("selective", 1, "source: AC of every n-th block"),
+        "34B": ("full", 1, ""),
+        "70B": ("full", 1, ""),
+    }
+    return [
+        Point(
+            source,
+            f"Llama 2 {size}",
+            gpu,
+            gpus,
+            4096,
+            2 * gpus,
+            published[size],
+            _fsdp(gpus, 2, ac, replicas, "bf16"),
+            nic_gbps=node_gbps / 8,
+            note=note,
+        )
+        for size, (ac, replicas, note) in layouts.items()
+    ]
+
+
 TT_A100 = "torchtitan docs/performance.md @0413364, 64 A100 FSDP2"
 FMS_A100 = "fms-fsdp (PyTorch blog 2024-03-13), 128 A100, 400 Gb/s read as per node"
 FMS_H100 = "fms-fsdp (PyTorch blog 2024-03-13), 96 H100, 800 Gb/s read as per node"
@@ -119,98 +145,8 @@ POINTS = [
     Point(TT_A100, "Llama 3 70B", "a100-80g", 64, 8192, 64, 331, _fsdp(64, 1, "full")),
     Point(TT_A100, "Llama 2 13B", "a100-80g", 64, 4096, 128, 2162, _fsdp(64, 2, "none")),
     Point(TT_A100, "Llama 2 70B", "a100-80g", 64, 4096, 128, 353, _fsdp(64, 2, "full")),
-    Point(
-        FMS_A100,
-        "Llama 2 7B",
-        "a100-80g",
-        128,
-        4096,
-        256,
-        3700,
-        _fsdp(128, 2, "none", 16, "bf16"),
-        nic_gbps=400 / 8,
-        note="HSDP within nodes",
-    ),
-    Point(
-        FMS_A100,
-        "Llama 2 13B",
-        "a100-80g",
-        128,
-        4096,
-        256,
-        1800,
-        _fsdp(128, 2, "selective", 1, "bf16"),
-        nic_gbps=400 / 8,
-        note="source: AC of every n-th block",
-    ),
-    Point(
-        FMS_A100,
-        "Llama 2 34B",
-        "a100-80g",
-        128,
-        4096,
-        256,
-        700,
-        _fsdp(128, 2, "full", 1, "bf16"),
-        nic_gbps=400 / 8,
-    ),
-    Point(
-        FMS_A100,
-        "Llama 2 70B",
-        "a100-80g",
-        128,
-        4096,
-        256,
-        370,
-        _fsdp(128, 2, "full", 1, "bf16"),
-        nic_gbps=400 / 8,
-    ),
-    Point(
-        FMS_H100,
-        "Llama 2 7B",
-        "h100-sxm",
-        96,
-        4096,
-        192,
-        7500,
-        _fsdp(96, 2, "none", 12, "bf16"),
-        nic_gbps=800 / 8,
-        note="HSDP within nodes",
-    ),
-    Point(
-        FMS_H100,
-        "Llama 2 13B",
-        "h100-sxm",
-        96,
-        4096,
-        192,
-        3800,
-        _fsdp(96, 2, "selective", 1, "bf16"),
-        nic_gbps=800 / 8,
-        note="source: AC of every n-th block",
-    ),
-    Point(
-        FMS_H100,
-        "Llama 2 34B",
-        "h100-sxm",
-        96,
-        4096,
-        192,
-        1550,
-        _fsdp(96, 2, "full", 1, "bf16"),
-        nic_gbps=800 / 8,
-    ),
-    Point(
-        FMS_H100,
-        "Llama 2 70B",
-        "h100-sxm",
-        96,
-        4096,
-        192,
-        800,
-        _fsdp(96, 2, "full", 1, "bf16"),
-        nic_gbps=800 / 8,
-    ),
+    *_fms_rows(FMS_A100, "a100-80g", 128, 400, {"7B": 3700, "13B": 1800, "34B": 700, "70B": 370}),
+    *_fms_rows(FMS_H100, "h100-sxm", 96, 800, {"7B": 7500, "13B": 3800, "34B": 1550, "70B": 800}),
     Point(
         TT_H100,
         "Llama 3 8B",
@@ -306,7 +242,7 @@ def predict(point: Point) -> Row:
     cfg = MODELS[point.model]
     if cfg.max_seq_len < point.seq_len:
         cfg = cfg.replace(max_seq_len=point.seq_len)
-    gpu = get_gpu(point.gpu, nic_bytes_s=None if point.nic_gbps is None else point.nic_gbps / 8e-9)
+    gpu = ClusterConfig(gpu=point.gpu, nic_gbps=point.nic_gbps).build()
     job = dict(seq_len=point.seq_len, global_batch=point.global_batch, gpus_per_node=8)
     if point.layout is None:
         # The source's own stack (2023) was eager.
