@@ -16,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from llama_dist.config import register_configs, to_job_config
-from llama_dist.pretrain import pretrain
+from llama_dist.train.pretrain import pretrain
 
 register_configs()
 

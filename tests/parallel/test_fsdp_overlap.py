@@ -55,7 +55,7 @@ def _reductions_per_micro_step(use_no_sync: bool) -> list[int]:
 
 def _reductions_in_training_step(grad_sync: str) -> int:
     """FSDP reductions in one `forward_backward` call of 2 micro-batches."""
-    from llama_dist.training import forward_backward
+    from llama_dist.train.step import forward_backward
 
     cfg = ParallelConfig(grad_sync=grad_sync).validate(2, MODEL)
     model = build_llama(MODEL, cfg, build_mesh(cfg), device=torch.device("cpu"))

@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from llama_dist.config import JobConfig, register_configs, to_job_config
 from llama_dist.data.prepare import write_token_dataset
 from llama_dist.metrics.logger import read_metrics
-from llama_dist.pretrain import pretrain
+from llama_dist.train.pretrain import pretrain
 
 ROOT = Path(__file__).resolve().parents[2]
 VOCAB = 2048  # the debug preset's

@@ -14,7 +14,7 @@ from pretrain_helpers import ROOT, job, write_corpus
 from llama_dist.checkpoint import save_model_checkpoint
 from llama_dist.data.prepare import write_token_dataset
 from llama_dist.models import Llama, get_preset
-from llama_dist.pretrain import pretrain
+from llama_dist.train.pretrain import pretrain
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from llama_dist.parallel import (
     build_mesh,
     dp_rank_and_size,
 )
-from llama_dist.training import clip_and_check, forward_backward
+from llama_dist.train.step import clip_and_check, forward_backward
 
 
 def full(t: torch.Tensor) -> torch.Tensor:

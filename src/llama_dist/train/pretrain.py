@@ -33,7 +33,7 @@ from llama_dist.parallel import (
 )
 from llama_dist.parallel.fsdp import resolve_dtype
 from llama_dist.tokenizer import Tokenizer
-from llama_dist.training import (
+from llama_dist.train.step import (
     StopSignal,
     Throughput,
     TrainState,
@@ -42,7 +42,7 @@ from llama_dist.training import (
     forward_backward,
 )
 
-log = logging.getLogger("llama_dist.pretrain")
+log = logging.getLogger("llama_dist.train.pretrain")
 
 # Fault injection for the restart tests: rank FAULT_RANK kills itself with SIGKILL after
 # step FAULT_STEP on the first attempt, as a crashed node would.
