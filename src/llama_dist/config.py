@@ -49,8 +49,28 @@ class ModelConfig:
     rope_scaling: str | None = None  # none | linear (position interpolation)
     rope_factor: float | None = None  # positions are divided by this with rope_scaling=linear
     max_seq_len: int | None = None  # rotary table length; defaults to data.seq_len if longer
+    # How packed documents are kept apart; a run setting, not part of the saved model shape.
+    # auto: flex on CUDA when document masks are used, sdpa elsewhere.
+    attention: str = "auto"  # auto | sdpa | flex
+
+    def resolve_attention(self, *, device_type: str, document_mask: bool) -> str:
+        """The attention backend for `llama_dist.models.llama.set_attention_backend` when
+        training on `device_type` ("cpu", "cuda"), with `document_mask` if the batches carry
+        document ids."""
+        if self.attention not in ("auto", "sdpa", "flex"):
+            raise ValueError(f"model.attention={self.attention!r} must be auto, sdpa or flex")
+        if self.attention == "flex" and device_type == "cpu":
+            raise ValueError(
+                "model.attention=flex cannot train on CPU: FlexAttention has no "
+                "backward on CPU in torch 2.13; use model.attention=sdpa (the dense mask) or auto"
+            )
+        if self.attention == "auto":
+            return "flex" if device_type == "cuda" and document_mask else "sdpa"
+        return self.attention
 
     def build(self) -> LlamaConfig:
+        if self.attention not in ("auto", "sdpa", "flex"):
+            raise ValueError(f"model.attention={self.attention!r} must be auto, sdpa or flex")
         overrides: dict[str, Any] = {
             f.name: getattr(self, f.name)
             for f in dataclasses.fields(LlamaConfig)
@@ -78,7 +98,7 @@ class OptimConfig:
 
     lr: float | None = None  # peak learning rate; None = the preset's (PEAK_LR)
     min_lr_ratio: float = 0.1  # cosine decays to this fraction of the peak
-    warmup_steps: int = 2000
+    warmup_steps: int | None = 2000  # None: 3% of the steps, at least 5 (llama2.md, RMs)
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-5
@@ -92,7 +112,9 @@ class OptimConfig:
 class TrainConfig:
     """The loop: how long, how big a batch, how often to log and evaluate."""
 
-    steps: int = 1000  # optimizer steps in total (a resumed run continues to this)
+    # Optimizer steps in total (a resumed run continues to this). Fine-tuning jobs may leave it
+    # null to take it from their epochs; set, it stops them early.
+    steps: int | None = 1000
     global_batch_tokens: int = 4_194_304  # tokens per optimizer step, over all ranks
     micro_batch: int = 1  # sequences per rank per forward/backward
     seed: int = 0  # model initialisation and sampling (the data order has data.seed)
@@ -166,10 +188,22 @@ def validate_job(cfg: JobConfig, world_size: int) -> LlamaConfig:
         model = model.replace(max_seq_len=seq_len)
     cfg.parallel.validate(world_size, model, seq_len=seq_len)
 
-    t = cfg.train
-    for name in ("steps", "global_batch_tokens", "micro_batch", "log_every"):
+    validate_batch(cfg.train, seq_len=seq_len, dp=cfg.parallel.dp)
+    if cfg.train.steps is None:
+        raise ValueError("train.steps must be set for pretraining (e.g. train.steps=1000)")
+    validate_optim(cfg.optim, steps=cfg.train.steps, default_lr=PEAK_LR.get(cfg.model.preset, 3e-4))
+    validate_sample(cfg.sample)
+    validate_checkpoint(cfg.checkpoint)
+    return model
+
+
+def validate_batch(t: TrainConfig, *, seq_len: int, dp: int) -> None:
+    """Check the loop settings and fill train.global_batch and train.grad_accum."""
+    for name in ("global_batch_tokens", "micro_batch", "log_every"):
         if getattr(t, name) <= 0:
             raise ValueError(f"train.{name}={getattr(t, name)} must be positive")
+    if t.steps is not None and t.steps <= 0:
+        raise ValueError(f"train.steps={t.steps} must be positive")
     if t.global_batch_tokens % seq_len:
         raise ValueError(
             f"train.global_batch_tokens={t.global_batch_tokens} is not a multiple of "
@@ -177,12 +211,12 @@ def validate_job(cfg: JobConfig, world_size: int) -> LlamaConfig:
             f"{max(1, t.global_batch_tokens // seq_len) * seq_len}"
         )
     t.global_batch = t.global_batch_tokens // seq_len
-    per_step = t.micro_batch * cfg.parallel.dp
+    per_step = t.micro_batch * dp
     if t.global_batch % per_step:
         raise ValueError(
             f"global batch of {t.global_batch} sequences (train.global_batch_tokens / "
             f"data.seq_len) is not divisible by train.micro_batch ({t.micro_batch}) x "
-            f"data-parallel size ({cfg.parallel.dp}); change global_batch_tokens or micro_batch"
+            f"data-parallel size ({dp}); change global_batch_tokens or micro_batch"
         )
     t.grad_accum = t.global_batch // per_step
     if t.device not in ("auto", "cpu", "cuda"):
@@ -190,31 +224,39 @@ def validate_job(cfg: JobConfig, world_size: int) -> LlamaConfig:
     if t.max_nonfinite_steps < 1:
         raise ValueError("train.max_nonfinite_steps must be >= 1")
 
-    o = cfg.optim
+
+def validate_optim(o: OptimConfig, *, steps: int, default_lr: float) -> None:
+    """Check the optimizer settings for a run of `steps`; fills lr and warmup_steps."""
     if o.lr is None:
-        o.lr = PEAK_LR.get(cfg.model.preset, 3e-4)
+        o.lr = default_lr
     if not o.lr > 0:
         raise ValueError(f"optim.lr={o.lr} must be positive")
     if not 0 <= o.min_lr_ratio <= 1:
         raise ValueError(f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
-    if not 0 <= o.warmup_steps < t.steps:
+    if o.warmup_steps is None:
+        o.warmup_steps = min(max(5, round(0.03 * steps)), steps - 1)
+    if not 0 <= o.warmup_steps < steps:
         raise ValueError(
-            f"optim.warmup_steps={o.warmup_steps} must be in [0, train.steps={t.steps}); "
+            f"optim.warmup_steps={o.warmup_steps} must be in [0, train.steps={steps}); "
             "lower the warmup for a short run"
         )
-    sample = cfg.sample
+
+
+def validate_sample(sample: SampleConfig) -> None:
     if sample.max_new_tokens < 1 or sample.temperature < 0 or not 0 < sample.top_p <= 1:
         raise ValueError(
             "sample: max_new_tokens must be >= 1, temperature >= 0 and top_p in (0, 1]; got "
             f"{sample.max_new_tokens}, {sample.temperature}, {sample.top_p}"
         )
-    if cfg.checkpoint.keep_last is not None and cfg.checkpoint.keep_last < 1:
-        raise ValueError(f"checkpoint.keep_last={cfg.checkpoint.keep_last} must be >= 1 or null")
-    if cfg.checkpoint.resume not in ("auto", "none"):
-        raise ValueError(f"checkpoint.resume={cfg.checkpoint.resume!r} must be auto or none")
-    if cfg.checkpoint.every <= 0:
-        raise ValueError(f"checkpoint.every={cfg.checkpoint.every} must be positive")
-    return model
+
+
+def validate_checkpoint(c: CheckpointConfig) -> None:
+    if c.keep_last is not None and c.keep_last < 1:
+        raise ValueError(f"checkpoint.keep_last={c.keep_last} must be >= 1 or null")
+    if c.resume not in ("auto", "none"):
+        raise ValueError(f"checkpoint.resume={c.resume!r} must be auto or none")
+    if c.every <= 0:
+        raise ValueError(f"checkpoint.every={c.every} must be positive")
 
 
 __all__ = [

@@ -17,8 +17,8 @@ import torch
 from pretrain_helpers import ROOT, train_losses, write_corpus
 
 from llama_dist.metrics.logger import read_metrics
-from llama_dist.train.pretrain import FAULT_RANK_ENV, FAULT_STEP_ENV
 from llama_dist.tokenizer import train_tokenizer
+from llama_dist.train.pretrain import FAULT_RANK_ENV, FAULT_STEP_ENV
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 

@@ -9,8 +9,8 @@ import pytest
 from pretrain_helpers import job, train_losses, write_corpus
 
 from llama_dist.metrics.logger import read_metrics
-from llama_dist.train.pretrain import pretrain
 from llama_dist.testing.distributed import run_distributed
+from llama_dist.train.pretrain import pretrain
 
 
 def diverging_worker(cfg, tmp: str) -> str:

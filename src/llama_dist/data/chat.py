@@ -45,6 +45,15 @@ class ChatTokens:
 
     ids: list[int]
     answer_mask: list[bool]  # True on answer tokens and their closing eos
+    turns: list[int]  # each token's segment: 0 for the first (user, assistant) pair, ...
+
+    def last_answer_mask(self) -> list[bool]:
+        """`answer_mask` on the last answered turn only (Ghost Attention trains on it alone)."""
+        answered = [t for t, a in zip(self.turns, self.answer_mask, strict=True) if a]
+        if not answered:
+            return list(self.answer_mask)
+        last = answered[-1]
+        return [a and t == last for t, a in zip(self.turns, self.answer_mask, strict=True)]
 
 
 def render_dialog(dialog: Sequence[Mapping[str, str]]) -> list[ChatSegment]:
@@ -71,7 +80,8 @@ def encode_dialog(tokenizer: Tokenizer, dialog: Sequence[Mapping[str, str]]) -> 
     """Token ids of `dialog` (equal to Meta's reference) and the mask of answer tokens."""
     ids: list[int] = []
     answer_mask: list[bool] = []
-    for segment in render_dialog(dialog):
+    turns: list[int] = []
+    for turn, segment in enumerate(render_dialog(dialog)):
         # Each whole segment is encoded at once, as the reference does; the prompt is encoded
         # again only to find where the answer begins.
         segment_ids = tokenizer.encode(segment.text, bos=True, eos=segment.eos)
@@ -86,7 +96,8 @@ def encode_dialog(tokenizer: Tokenizer, dialog: Sequence[Mapping[str, str]]) -> 
             )
         ids += segment_ids
         answer_mask += [False] * num_prompt + [True] * (len(segment_ids) - num_prompt)
-    return ChatTokens(ids=ids, answer_mask=answer_mask)
+        turns += [turn] * len(segment_ids)
+    return ChatTokens(ids=ids, answer_mask=answer_mask, turns=turns)
 
 
 def _validate(dialog: Sequence[Mapping[str, str]]) -> None:

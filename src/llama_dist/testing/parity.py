@@ -36,11 +36,13 @@ def train_steps(
     max_norm: float = 1.0,
     seed: int = 0,
     adamw: str = "auto",
+    labels: torch.Tensor | None = None,
 ) -> dict:
     """batches: (steps, global_batch, seq_len + 1) token ids; each step sees one global batch,
     split over data-parallel ranks and then into `grad_accum` micro-batches.
     `parallel_cfg=None` runs the plain single-process model; `adamw` is the AdamW
-    implementation (auto, fused, foreach, for-loop)."""
+    implementation (auto, fused, foreach, for-loop). `labels` (steps, global_batch, seq_len),
+    with IGNORE_INDEX on untrained tokens, replace the next-token labels."""
     if parallel_cfg is None:
         mesh, (dp_rank, dp_size) = None, (0, 1)
         parallel_cfg = ParallelConfig(dp_shard=1)
@@ -55,9 +57,15 @@ def train_steps(
     for step, batch in enumerate(batches):
         local = batch.chunk(dp_size)[dp_rank]
         micro_batches = [{"tokens": micro} for micro in local.chunk(grad_accum)]
+        if labels is not None:
+            local_labels = labels[step].chunk(dp_size)[dp_rank].chunk(grad_accum)
+            for micro, micro_labels in zip(micro_batches, local_labels, strict=True):
+                # With explicit labels the tokens are the inputs, already aligned.
+                micro["tokens"] = micro["tokens"][:, :-1]
+                micro["labels"] = micro_labels
         loss = forward_backward(
             model, micro_batches, parallel=parallel_cfg, device=torch.device("cpu")
-        )
+        ).loss
         if step == 0:
             first_grads = {n: full(p.grad) for n, p in model.named_parameters()}
         grad_norms.append(clip_and_check(list(model.parameters()), max_norm)[0])

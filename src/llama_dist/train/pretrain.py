@@ -10,37 +10,24 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from llama_dist.checkpoint import (
-    CheckpointManager,
-    ModelState,
-    OptimizerState,
-    check_checkpoint,
-    step_checkpoints,
-)
+from llama_dist.checkpoint import CheckpointManager, ModelState, OptimizerState, check_checkpoint
 from llama_dist.config import JobConfig, SampleConfig, validate_job
 from llama_dist.data.indexed import PretrainData, TrainLoader, ValidLoader
 from llama_dist.generate import complete, load_for_generation
-from llama_dist.lr_schedule import build_lr_scheduler
 from llama_dist.metrics.logger import MetricsLogger, peak_memory_gib, plot_loss_curve
-from llama_dist.metrics.mfu import peak_flops
 from llama_dist.models.flops import flops_per_token
-from llama_dist.parallel import (
-    build_adamw,
-    build_llama,
-    build_mesh,
-    dp_rank_and_size,
-    init_distributed,
-)
+from llama_dist.parallel import build_llama, build_mesh, dp_rank_and_size
 from llama_dist.parallel.fsdp import resolve_dtype
 from llama_dist.tokenizer import Tokenizer
-from llama_dist.train.step import (
-    StopSignal,
-    Throughput,
-    TrainState,
-    clip_and_check,
-    evaluate,
-    forward_backward,
+from llama_dist.train.common import (
+    GuardedStep,
+    build_optimizer,
+    device_peak_flops,
+    open_run,
+    refuse_fresh_start_over_checkpoints,
+    resume_latest,
 )
+from llama_dist.train.step import StopSignal, Throughput, TrainState, evaluate, forward_backward
 
 log = logging.getLogger("llama_dist.train.pretrain")
 
@@ -63,23 +50,6 @@ def check_tokenizer(path: str | None, vocab_size: int) -> Tokenizer | None:
     return tokenizer
 
 
-def _peak(
-    device: torch.device, override_tflops: float | None, param_dtype: torch.dtype
-) -> float | None:
-    """Peak FLOP/s for MFU: the override, else the table's entry for this GPU; None (no MFU
-    logged) on CPUs and on GPUs the table does not know."""
-    if override_tflops is not None:
-        return peak_flops("", override=override_tflops * 1e12)
-    if device.type != "cuda":
-        return None
-    try:
-        dtype = "tf32" if param_dtype == torch.float32 else "bf16"
-        return peak_flops(torch.cuda.get_device_name(device), dtype=dtype)
-    except ValueError as e:
-        log.warning("%s; MFU is not logged", e)
-        return None
-
-
 def pretrain(cfg: JobConfig, run_dir: Path) -> TrainState:
     """Run (or resume) pretraining into `run_dir`; every rank calls this."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -88,20 +58,12 @@ def pretrain(cfg: JobConfig, run_dir: Path) -> TrainState:
     tokenizer = check_tokenizer(cfg.tokenizer, model_cfg.vocab_size)
     if cfg.checkpoint.init_from:
         check_checkpoint(cfg.checkpoint.init_from, model_cfg)
-    checkpoint_dir = Path(run_dir) / cfg.checkpoint.folder
-    if cfg.checkpoint.resume == "none" and step_checkpoints(checkpoint_dir):
-        raise ValueError(
-            f"{checkpoint_dir} already holds checkpoints and checkpoint.resume=none; use "
-            "another run folder (hydra.run.dir / run_name) or checkpoint.resume=auto"
-        )
-
-    device = init_distributed(device=cfg.train.device)
-    rank = dist.get_rank()
     run_dir = Path(run_dir)
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
-    dist.barrier()
+    checkpoint_dir = run_dir / cfg.checkpoint.folder
+    refuse_fresh_start_over_checkpoints(checkpoint_dir, cfg.checkpoint.resume)
+
+    device = open_run(run_dir, cfg, device=cfg.train.device)
+    rank = dist.get_rank()
 
     mesh = build_mesh(cfg.parallel, device=device.type)
     dp_rank, dp_size = dp_rank_and_size(mesh)
@@ -113,22 +75,7 @@ def pretrain(cfg: JobConfig, run_dir: Path) -> TrainState:
         dp_size=dp_size,
     )
     model = build_llama(model_cfg, cfg.parallel, mesh, device=device, seed=cfg.train.seed)
-    o = cfg.optim
-    optimizer = build_adamw(
-        model,
-        lr=o.lr,
-        betas=(o.beta1, o.beta2),
-        eps=o.eps,
-        weight_decay=o.weight_decay,
-        decay_norms=o.decay_norms,
-        implementation=o.implementation,
-    )
-    scheduler = build_lr_scheduler(
-        optimizer,
-        warmup_steps=o.warmup_steps,
-        total_steps=cfg.train.steps,
-        min_ratio=o.min_lr_ratio,
-    )
+    optimizer, scheduler = build_optimizer(model, cfg.optim, total_steps=cfg.train.steps)
     state = TrainState()
     checkpoints = CheckpointManager(
         checkpoint_dir,
@@ -144,14 +91,8 @@ def pretrain(cfg: JobConfig, run_dir: Path) -> TrainState:
         "train": state,
     }
 
-    latest = checkpoints.latest() if cfg.checkpoint.resume == "auto" else None
-    # Rank 0 decides, so every rank loads the same folder even if their views of a shared
-    # file system differ for a moment.
-    choice = [latest]
-    dist.broadcast_object_list(choice, src=0)
-    latest = choice[0]
+    latest = resume_latest(checkpoints, states, resume=cfg.checkpoint.resume)
     if latest is not None:
-        checkpoints.load(latest, states)
         log.info("resumed from %s at step %d", latest, state.step)
     elif cfg.checkpoint.init_from:
         checkpoints.load(Path(cfg.checkpoint.init_from), {"model": ModelState(model)})
@@ -178,7 +119,7 @@ def pretrain(cfg: JobConfig, run_dir: Path) -> TrainState:
     throughput = Throughput(
         flops_per_token=flops_per_token(model_cfg, cfg.data.seq_len),
         num_devices=world_size,
-        peak=_peak(
+        peak=device_peak_flops(
             device,
             cfg.train.peak_tflops,
             resolve_dtype(cfg.parallel.param_dtype, device_type=device.type),
@@ -187,8 +128,13 @@ def pretrain(cfg: JobConfig, run_dir: Path) -> TrainState:
     stop = StopSignal()
     fault_step = int(os.environ.get(FAULT_STEP_ENV, "0"))
     first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
-    params = list(model.parameters())
-    nonfinite_in_a_row = 0
+    guarded_step = GuardedStep(
+        optimizer,
+        scheduler,
+        list(model.parameters()),
+        clip_grad_norm=cfg.optim.clip_grad_norm,
+        max_nonfinite=cfg.train.max_nonfinite_steps,
+    )
     batches = iter(loader)
     last_saved: Path | None = None
 
@@ -202,25 +148,11 @@ def pretrain(cfg: JobConfig, run_dir: Path) -> TrainState:
             validate(0)
         while state.step < cfg.train.steps:
             micro_batches = next(batches)
-            loss = forward_backward(model, micro_batches, parallel=cfg.parallel, device=device)
-            grad_norm, finite = clip_and_check(params, o.clip_grad_norm)
+            loss = forward_backward(model, micro_batches, parallel=cfg.parallel, device=device).loss
             state.step += 1
             state.tokens_seen += tokens_per_step
-            if torch.isfinite(loss) and finite:
-                optimizer.step()
-                nonfinite_in_a_row = 0
-            else:
-                state.skipped_steps += 1
-                nonfinite_in_a_row += 1
-                log.warning("step %d: non-finite loss or gradient norm; step skipped", state.step)
-                if nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
-                    raise RuntimeError(
-                        f"{nonfinite_in_a_row} steps in a row had a non-finite loss or "
-                        f"gradient norm (step {state.step}); lower optim.lr, check the data, "
-                        "or resume from an earlier checkpoint"
-                    )
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+            grad_norm, applied = guarded_step(loss, step=state.step)
+            state.skipped_steps += not applied
             throughput.add(tokens_per_step)
             metrics.advance(state.step)
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 import math
 import signal
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -27,25 +28,70 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def world_mean(value: torch.Tensor) -> torch.Tensor:
-    """Mean over all ranks. Tensor-parallel ranks hold equal values, so this is the mean
-    over data-parallel ranks too."""
-    value = value.detach().float().clone()
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(value)
-        value /= dist.get_world_size()
-    return value
-
-
 def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> tuple:
-    """(inputs, labels, forward kwargs) of a batch of `seq_len + 1` token windows."""
+    """(inputs, labels, forward kwargs) of a batch.
+
+    Without `labels`, `tokens` holds `seq_len + 1` token windows and the labels are the next
+    tokens. With `labels` (bsz, seq_len), already aligned and IGNORE_INDEX on tokens that are
+    not trained on (prompts, padding), `tokens` (bsz, seq_len) are the inputs as they are.
+    """
     tokens = batch["tokens"].to(device, non_blocking=True)
     kwargs = {
         k: batch[k].to(device, non_blocking=True)
         for k in ("document_ids", "position_ids")
         if k in batch
     }
+    if "labels" in batch:
+        return tokens, batch["labels"].to(device, non_blocking=True), kwargs
     return tokens[:, :-1], tokens[:, 1:], kwargs
+
+
+class Objective(Protocol):
+    """What one optimizer step minimises: the mean of a per-unit loss over every unit
+    (labelled token, preference pair, ...) of all micro-batches on all ranks."""
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        """Units of the batch the loss averages over; known before any forward."""
+        ...
+
+    def loss_sum(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], device: torch.device
+    ) -> torch.Tensor:
+        """The loss summed over the batch's units (a scalar, may be a DTensor)."""
+        ...
+
+
+class NextTokenLoss:
+    """Cross entropy summed over labelled tokens (labels != IGNORE_INDEX)."""
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        if "labels" in batch:
+            return int((batch["labels"] != IGNORE_INDEX).sum())
+        tokens = batch["tokens"]
+        return tokens.shape[0] * (tokens.shape[1] - 1)
+
+    def loss_sum(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], device: torch.device
+    ) -> torch.Tensor:
+        inputs, labels, kwargs = model_inputs(batch, device)
+        return cross_entropy_loss(model(inputs, **kwargs), labels, reduction="sum")
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor  # the step's mean loss over all its units (labelled tokens, pairs)
+    num_units: int  # units over all micro-batches and data-parallel ranks
+
+
+def global_count(local: int, *, parallel: ParallelConfig, device: torch.device) -> int:
+    """Sum of `local` over the data-parallel ranks (one all-reduce). Ranks of a tensor-
+    parallel group hold the same data, so the world sum counts it once per group member."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return local
+    total = torch.tensor(local, dtype=torch.int64, device=device)
+    dist.all_reduce(total)
+    replicas = dist.get_world_size() // parallel.dp
+    return int(total.item()) // replicas
 
 
 def forward_backward(
@@ -54,21 +100,35 @@ def forward_backward(
     *,
     parallel: ParallelConfig,
     device: torch.device,
-    loss_fn: Callable = cross_entropy_loss,
-) -> torch.Tensor:
-    """Accumulate gradients over the micro-batches of one optimizer step; returns the mean
-    loss over all ranks. Gradients are reduced across data-parallel ranks on the last
-    micro-batch only, or on every one with `parallel.grad_sync=every`."""
+    objective: Objective | None = None,
+) -> StepOutput:
+    """Accumulate the gradients of one optimizer step over its micro-batches.
+
+    The step's loss is the sum of the objective over the units of all micro-batches on all
+    ranks divided by their global count (counted before any backward, one all-reduce), so a
+    micro-batch with few labelled tokens weighs as little as it should, whatever the layout
+    or the accumulation. FSDP averages gradients over the dp data-parallel ranks, hence the
+    factor dp. Gradients are reduced across data-parallel ranks on the last micro-batch only,
+    or on every one with `parallel.grad_sync=every`.
+    """
+    objective = objective or NextTokenLoss()
+    count = global_count(
+        sum(objective.count(b) for b in micro_batches), parallel=parallel, device=device
+    )
+    # A step with nothing to learn from (every label masked) contributes zero gradients.
+    scale = parallel.dp / max(count, 1)
     total = torch.zeros((), device=device)
     accum = len(micro_batches)
     for i, batch in enumerate(micro_batches):
         set_gradient_sync(model, parallel.grad_sync == "every" or i == accum - 1)
-        inputs, labels, kwargs = model_inputs(batch, device)
         with loss_context(parallel):
-            loss = loss_fn(model(inputs, **kwargs), labels) / accum
-            loss.backward()
-        total += _local(loss).detach()
-    return world_mean(total)
+            loss_sum = objective.loss_sum(model, batch, device)
+            (loss_sum * scale).backward()
+        total += _local(loss_sum).detach().float()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(total)
+        total /= dist.get_world_size() // parallel.dp
+    return StepOutput(loss=total / max(count, 1), num_units=count)
 
 
 @torch.no_grad()
