@@ -15,6 +15,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from llama_dist.data.config import DataConfig
+from llama_dist.data.sft import SFTDataConfig
 from llama_dist.models.config import LlamaConfig, RopeScaling, get_preset
 from llama_dist.parallel.config import ACConfig, ParallelConfig
 
@@ -165,9 +166,40 @@ class JobConfig:
     run_name: str = "pretrain"  # default run folder: runs/<run_name>
 
 
+def _chat_prompts() -> list[str]:
+    return ["Write a short poem about the sea.", "What is the capital of France?"]
+
+
+@dataclass
+class SFTJobConfig:
+    """Supervised fine-tuning (llama2.md, "Supervised fine-tuning"): the model comes from
+    `init_from`, its shape from the checkpoint's own config."""
+
+    # A llama_dist checkpoint (step folder, or a run's checkpoints folder: its newest step)
+    # or a Hugging Face Llama folder (config.json + safetensors), loaded sharded.
+    init_from: str | None = None
+    tokenizer: str | None = None  # tokenizer.model of the base model (required)
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(lr=2e-5, warmup_steps=None, weight_decay=0.1)
+    )
+    # 64 rows of 4096 tokens per step; steps null = from epochs
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(
+            steps=None, global_batch_tokens=64 * 4096, eval_every=100, log_every=1
+        )
+    )
+    epochs: float = 2.0  # passes over the training samples (train.steps, if set, stops earlier)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    sample: SampleConfig = field(default_factory=lambda: SampleConfig(prompts=_chat_prompts()))
+    run_name: str = "sft"  # default run folder: runs/<run_name>
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="job_schema", node=JobConfig)
+    cs.store(name="sft_schema", node=SFTJobConfig)
 
 
 def to_job_config(cfg: Any) -> JobConfig:
@@ -265,6 +297,7 @@ __all__ = [
     "JobConfig",
     "ModelConfig",
     "OptimConfig",
+    "SFTJobConfig",
     "SampleConfig",
     "TrainConfig",
     "register_configs",

@@ -1,0 +1,37 @@
+"""Supervised fine-tuning of a Llama 2 model on dialogs.
+
+    torchrun --nproc_per_node 8 launch/sft.py init_from=runs/pretrain-7b/checkpoints \
+        tokenizer=tokenizer.model data.paths=[data/sft.jsonl]
+    torchrun --nproc_per_node 2 launch/sft.py init_from=HF_LLAMA_FOLDER ...   # CPU: gloo
+
+Hydra overrides on the command line (conf/sft.yaml); the run folder is runs/<run_name>.
+"""
+
+import sys
+from pathlib import Path
+
+import hydra
+import torch.distributed as dist
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from llama_dist.config import register_configs
+from llama_dist.train.sft import sft
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="sft")
+def main(cfg: DictConfig) -> None:
+    try:
+        sft(OmegaConf.to_object(cfg), Path(HydraConfig.get().runtime.output_dir))
+    except ValueError as e:
+        print(f"sft: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
