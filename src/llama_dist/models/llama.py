@@ -7,13 +7,16 @@ holds a subset of the heads runs the same code.
 
 from __future__ import annotations
 
+import functools
 import math
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from llama_dist.models.config import LlamaConfig, RopeScaling
 
@@ -156,6 +159,38 @@ class KVCache:
         return (same_doc & mask)[:, None]
 
 
+# How packed documents (`document_ids`) are kept apart: "sdpa" passes a dense boolean
+# (bsz, 1, seq, seq) mask to SDPA; "flex" runs FlexAttention with a BlockMask, which never
+# holds a (seq, seq) tensor on GPU. Without document_ids both use SDPA's causal kernel.
+ATTENTION_BACKENDS = ("sdpa", "flex")
+
+
+@functools.cache
+def _compiled(fn: Callable) -> Callable:
+    """`torch.compile(fn)`, made once per process on first use (importing the model compiles
+    nothing). Eager flex_attention materialises the whole score matrix and eager
+    create_block_mask the dense mask; only compiled do they run block by block."""
+    return torch.compile(fn)
+
+
+def flex_attention_gqa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask
+) -> torch.Tensor:
+    """FlexAttention of q (bsz, heads, seq, head_dim) over k, v (bsz, kv_heads, seq, head_dim),
+    grouped-query heads served by the kernel (no repeated K/V)."""
+    fn = flex_attention
+    # Eager on CUDA it needs its own compiled wrapper for the fused kernel; inside a compiled
+    # block dynamo traces it into the block's graph anyway. On CPU torch 2.13 has only the
+    # forward, run eagerly as a check against the dense mask.
+    if q.device.type == "cuda" and not torch.compiler.is_compiling():
+        fn = _compiled(flex_attention)
+    if q.device.type == "cpu" and torch.compiler.is_compiling():
+        # Inductor's CPU FlexAttention template (torch 2.13) reads a 4-D size off the buffer
+        # that produced q and k, which the rotary's (..., head_dim // 2, 2) stack is not.
+        q, k = q.contiguous(), k.contiguous()
+    return fn(q, k, v, block_mask=block_mask, enable_gqa=True)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
@@ -170,12 +205,14 @@ class Attention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor | None,
+        mask: torch.Tensor | BlockMask | None,
         *,
         kv_cache: LayerKVCache | None = None,
     ) -> torch.Tensor:
-        """With `kv_cache`, x holds the tokens after the cached ones; `mask` then covers the
-        cached and new keys (see `KVCache.attention_mask`)."""
+        """`mask`: None (causal), a boolean SDPA mask, or a FlexAttention `BlockMask` (from
+        `document_block_mask`; not with a cache). With `kv_cache`, x holds the tokens after
+        the cached ones; `mask` then covers the cached and new keys (see
+        `KVCache.attention_mask`)."""
         bsz, seqlen, _ = x.shape
         # -1 instead of the head count: under tensor parallelism each rank holds a subset.
         q = self.wq(x).view(bsz, seqlen, -1, self.head_dim)
@@ -188,6 +225,11 @@ class Attention(nn.Module):
             # SDPA's causal mask is aligned top-left, right only for queries that start at slot
             # 0; later a lone query needs no mask at all, several get an explicit one.
             is_causal = mask is None and kv_cache.start == 0
+
+        if isinstance(mask, BlockMask):
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (bsz, heads, seqlen, head_dim)
+            out = flex_attention_gqa(q, k, v, mask)
+            return self.wo(out.transpose(1, 2).contiguous().view(bsz, seqlen, -1))
 
         n_rep = q.shape[2] // k.shape[2]
         if n_rep > 1:  # grouped-query attention: each kv head serves n_rep query heads
@@ -243,6 +285,33 @@ def document_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
     return (same_doc & causal)[:, None]
 
 
+def document_block_mask(document_ids: torch.Tensor, *, compiled: bool | None = None) -> BlockMask:
+    """The FlexAttention BlockMask of `document_causal_mask`: causal, and only within a
+    document, for every head (H=None broadcasts, so a tensor-parallel shard's local heads use
+    it as it is).
+
+    It keeps, per 128 x 128 tile, whether the tile is empty, full or partial (and then
+    evaluates the mask function on it). `compiled` (default: on CUDA) builds it with the
+    compiled create_block_mask, which evaluates the tiles without a dense mask; eager
+    create_block_mask evaluates every (query, key) pair into a (bsz, 1, seq, seq) tensor first.
+    """
+    bsz, seqlen = document_ids.shape
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (document_ids[b, q_idx] == document_ids[b, kv_idx]) & (q_idx >= kv_idx)
+
+    if compiled is None:
+        compiled = document_ids.device.type == "cuda"
+    build = _compiled(create_block_mask) if compiled else create_block_mask
+    return build(mask_mod, bsz, None, seqlen, seqlen, device=document_ids.device)
+
+
+def set_attention_backend(model: Llama, backend: str) -> None:
+    """Choose how `model` keeps packed documents apart: "sdpa" (dense mask) or "flex"
+    (FlexAttention BlockMask; forward only on CPU in torch 2.13). See `ATTENTION_BACKENDS`."""
+    model.set_attention_backend(backend)
+
+
 def param_seed(seed: int, name: str) -> int:
     """A generator seed per parameter, from its name: init does not depend on module order."""
     return (seed * 0x9E3779B1 + zlib.crc32(name.encode())) % (2**63)
@@ -262,6 +331,16 @@ class Llama(nn.Module):
         # Not persistent: derived from the config, recomputed by init_weights after to_empty.
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        # A run setting, not model shape: chosen by the job (`set_attention_backend`).
+        self.attention_backend = "sdpa"
+
+    def set_attention_backend(self, backend: str) -> None:
+        if backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"attention backend {backend!r} is not one of {ATTENTION_BACKENDS}; "
+                "use sdpa (dense document mask) or flex (FlexAttention)"
+            )
+        self.attention_backend = backend
 
     def forward(
         self,
@@ -275,7 +354,8 @@ class Llama(nn.Module):
 
         position_ids (bsz, seqlen): rotary positions, e.g. restarting at each packed document;
         default 0..seqlen-1. document_ids (bsz, seqlen): when given, attention stays within a
-        document (a block-diagonal causal mask); by default attention is plainly causal.
+        document (a block-diagonal causal mask; `attention_backend` says whether dense or a
+        FlexAttention BlockMask, one for all layers); by default attention is plainly causal.
 
         kv_cache (from `new_kv_cache`): tokens are the ones after those already cached, whose
         keys and values are appended; the default positions continue from `kv_cache.length`,
@@ -294,7 +374,11 @@ class Llama(nn.Module):
             cos, sin = self.rope_cos[:seqlen], self.rope_sin[:seqlen]
         else:
             cos, sin = self.rope_cos[position_ids], self.rope_sin[position_ids]
-        mask = None if document_ids is None else document_causal_mask(document_ids)
+        mask: torch.Tensor | BlockMask | None = None
+        if document_ids is not None and self.attention_backend == "flex":
+            mask = document_block_mask(document_ids)
+        elif document_ids is not None:
+            mask = document_causal_mask(document_ids)
 
         h = self.tok_embeddings(tokens)
         for layer in self.layers.values():
