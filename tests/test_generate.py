@@ -16,7 +16,7 @@ import torch
 
 from llama_dist.checkpoint import save_model_checkpoint
 from llama_dist.data.chat import encode_dialog
-from llama_dist.generate import generate, load_for_generation, main, sample_next
+from llama_dist.generate import generate, load_for_generation, main, sample_next, stream
 from llama_dist.models import Llama, LlamaConfig
 from llama_dist.models.hf_adapter import save_hf_folder
 from llama_dist.tokenizer import Tokenizer, train_tokenizer
@@ -227,6 +227,53 @@ def test_top_p_keeps_the_smallest_nucleus():
     assert set(drawn.tolist()) == {0, 1, 2, 3}
 
 
+def test_top_k_keeps_the_k_most_likely():
+    probs = torch.tensor([0.05, 0.5, 0.15, 0.3])
+    logits = probs.log().expand(4000, -1)
+    gen = torch.Generator().manual_seed(0)
+    drawn = sample_next(logits, temperature=1.0, top_p=1.0, top_k=2, generator=gen)
+    assert set(drawn.tolist()) == {1, 3}
+    share = (drawn == 1).float().mean().item()
+    assert abs(share - 0.5 / 0.8) < 0.03  # renormalised over the k tokens
+    # top-p then cuts the renormalised k tokens: 3 has 0.5 / 0.8 = 0.625 before it.
+    drawn = sample_next(logits, temperature=1.0, top_p=0.6, top_k=2, generator=gen)
+    assert set(drawn.tolist()) == {1}
+    drawn = sample_next(logits, temperature=1.0, top_p=0.7, top_k=2, generator=gen)
+    assert set(drawn.tolist()) == {1, 3}
+    # 0 and k >= vocabulary: no cut.
+    for k in (0, 4, 100):
+        drawn = sample_next(logits, temperature=1.0, top_p=1.0, top_k=k, generator=gen)
+        assert set(drawn.tolist()) == {0, 1, 2, 3}
+    # Exactly k stay when the k-th ties with the next.
+    tied = torch.tensor([[0.0, 3.0, 1.0, 1.0]]).expand(2000, -1)
+    drawn = sample_next(tied, temperature=1.0, top_p=1.0, top_k=2, generator=gen)
+    assert len(set(drawn.tolist())) == 2 and 1 in drawn.tolist()
+
+
+def test_top_k_1_is_greedy_and_larger_k_samples(model):
+    greedy = generate(model, PROMPTS, max_new_tokens=10, temperature=0)
+    gen = torch.Generator().manual_seed(3)
+    assert generate(model, PROMPTS, max_new_tokens=10, top_k=1, generator=gen) == greedy
+    gen = torch.Generator().manual_seed(3)
+    sampled = generate(model, PROMPTS, max_new_tokens=10, top_k=5, generator=gen)
+    assert sampled != greedy
+    gen = torch.Generator().manual_seed(3)
+    assert generate(model, PROMPTS, max_new_tokens=10, top_k=5, generator=gen) == sampled
+
+
+def test_stream_yields_generate_tokens(model):
+    reference = greedy_reference(model, PROMPTS[1], 12)
+    eos_id = reference[4]
+    (expected,) = generate(model, [PROMPTS[1]], max_new_tokens=12, temperature=0, eos_id=eos_id)
+    steps = stream(model, PROMPTS[1], max_new_tokens=12, temperature=0, eos_id=eos_id)
+    assert next(steps) == expected[0]  # one token at a time, before the rest is computed
+    assert [expected[0], *steps] == expected
+    assert expected[-1] == eos_id
+    assert list(stream(model, PROMPTS[0], max_new_tokens=0)) == []
+    with pytest.raises(ValueError, match="top_k"):
+        list(stream(model, PROMPTS[0], max_new_tokens=3, top_k=-1))
+
+
 def test_eos_stops_a_sequence(model):
     reference = [greedy_reference(model, p, 12) for p in PROMPTS]
     eos_id = reference[1][4]
@@ -244,6 +291,10 @@ def test_generate_rejects_bad_arguments(model):
         generate(model, [[1]], max_new_tokens=5, top_p=0.0)
     with pytest.raises(ValueError, match="temperature"):
         generate(model, [[1]], max_new_tokens=5, temperature=-1.0)
+    with pytest.raises(ValueError, match="top_k=-1 must be >= 0; 0 disables"):
+        generate(model, [[1]], max_new_tokens=5, top_k=-1)
+    with pytest.raises(ValueError, match="top_k=2.5 must be an int"):
+        generate(model, [[1]], max_new_tokens=5, top_k=2.5)
     with pytest.raises(ValueError, match="empty"):
         generate(model, [[1], []], max_new_tokens=5)
     with pytest.raises(ValueError, match="outside the model's vocabulary"):

@@ -1,10 +1,14 @@
-"""Sampling from a Llama with a KV cache: greedy or nucleus (top-p), batched.
+"""Sampling from a Llama with a KV cache: greedy, top-k and nucleus (top-p), batched.
 
 Prompts of different lengths share one batch by left padding: each row's padding is a
 document of its own (`document_ids` 0, the prompt 1), so no prompt or generated token attends
 to it, and rotary positions start at 0 at each row's first real token. Every row then
 generates into the same cache slot at each step. The padded batch yields the logits of each
 prompt run alone, up to rounding.
+
+`decode` is the step loop itself, one list of new tokens per step; `generate` collects it,
+`stream` yields one prompt's tokens as they come, and `llama_dist.generation_dist` drives it
+on a sharded model with its own cache and a collective stop.
 
 Command line: `python launch/generate.py --checkpoint PATH --tokenizer tokenizer.model
 --prompt "text" [--prompt ...] [--chat]`.
@@ -15,16 +19,17 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from llama_dist.checkpoint import load_model_checkpoint
 from llama_dist.data.chat import encode_dialog
 from llama_dist.models.config import LlamaConfig
 from llama_dist.models.hf_adapter import load_hf_folder
-from llama_dist.models.llama import Llama
+from llama_dist.models.llama import KVCache, Llama
 from llama_dist.tokenizer import Tokenizer
 
 # Any valid id: padded slots are masked out of attention and their logits are never read.
@@ -33,19 +38,34 @@ _PAD_DOCUMENT, _PROMPT_DOCUMENT = 0, 1
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _check_args(
-    model: Llama,
+def check_sampling(*, temperature: float, top_p: float, top_k: int) -> None:
+    """ValueError naming the fix for a temperature, top_p or top_k `sample_next` refuses."""
+    if not temperature >= 0:
+        raise ValueError(f"temperature={temperature} must be >= 0 (0 is greedy decoding)")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p} must be in (0, 1]; 1 samples from the whole vocabulary")
+    if isinstance(top_k, bool) or not isinstance(top_k, int):
+        raise ValueError(f"top_k={top_k!r} must be an int (the number of tokens kept; 0: all)")
+    if top_k < 0:
+        raise ValueError(f"top_k={top_k} must be >= 0; 0 disables the top-k cut")
+
+
+def check_generate_args(
+    cfg: LlamaConfig,
     prompts: Sequence[Sequence[int]],
+    *,
     max_new_tokens: int,
     temperature: float,
     top_p: float,
+    top_k: int,
 ) -> None:
+    """ValueError naming the fix for arguments `generate` cannot run with a model of `cfg`."""
     if not prompts:
         raise ValueError("no prompts given; pass a list of token-id lists")
     empty = [i for i, p in enumerate(prompts) if len(p) == 0]
     if empty:
         raise ValueError(f"prompts {empty} are empty; start each prompt with at least bos")
-    vocab = model.cfg.vocab_size
+    vocab = cfg.vocab_size
     for i, prompt in enumerate(prompts):
         bad = [t for t in prompt if not 0 <= t < vocab]
         if bad:
@@ -56,16 +76,13 @@ def _check_args(
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
     longest = max(len(p) for p in prompts)
-    if longest + max_new_tokens > model.cfg.max_seq_len:
+    if longest + max_new_tokens > cfg.max_seq_len:
         raise ValueError(
             f"the longest prompt ({longest} tokens) plus max_new_tokens={max_new_tokens} exceeds "
-            f"the model's max_seq_len={model.cfg.max_seq_len}; shorten the prompt or generate "
+            f"the model's max_seq_len={cfg.max_seq_len}; shorten the prompt or generate "
             "fewer tokens"
         )
-    if not temperature >= 0:
-        raise ValueError(f"temperature={temperature} must be >= 0 (0 is greedy decoding)")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p={top_p} must be in (0, 1]; 1 samples from the whole vocabulary")
+    check_sampling(temperature=temperature, top_p=top_p, top_k=top_k)
 
 
 def sample_next(
@@ -73,57 +90,76 @@ def sample_next(
     *,
     temperature: float,
     top_p: float,
+    top_k: int = 0,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Next token ids (bsz,) from logits (bsz, vocab_size): argmax when temperature is 0, else
-    a sample from the smallest set of most likely tokens whose probability reaches top_p."""
+    a sample from the `top_k` most likely tokens (0: all; more than the vocabulary: all), cut
+    further to the smallest set of most likely tokens whose probability reaches top_p."""
+    check_sampling(temperature=temperature, top_p=top_p, top_k=top_k)
     if temperature == 0:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    logits = logits.float() / temperature
+    if 0 < top_k < logits.shape[-1]:
+        # Exactly k tokens stay, even when others tie with the k-th.
+        values, indices = logits.topk(top_k, dim=-1)
+        logits = torch.full_like(logits, float("-inf")).scatter_(-1, indices, values)
+    probs = torch.softmax(logits, dim=-1)
     if top_p >= 1:
         # Skips the cut, which rounding in the cumulative sum could apply to the least likely.
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     # A token stays if the tokens more likely than it hold less than top_p: the most likely
-    # token always stays, so a tiny top_p is greedy.
+    # token always stays, so a tiny top_p is greedy. After a top-k cut the mass is that of the
+    # renormalised k tokens.
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
     sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
     choice = torch.multinomial(sorted_probs, 1, generator=generator)  # renormalises
     return order.gather(-1, choice).squeeze(-1)
 
 
+def _last_logits(logits: torch.Tensor) -> torch.Tensor:
+    """(bsz, vocab) of the last position; a vocabulary-sharded DTensor (tensor parallel with
+    loss parallelism) is gathered after the slice, so only one position travels."""
+    last = logits[:, -1]
+    return last.full_tensor() if isinstance(last, DTensor) else last
+
+
 @torch.no_grad()
-def generate(
+def decode(
     model: Llama,
     prompts: Sequence[Sequence[int]],
     *,
+    kv_cache: KVCache,
     max_new_tokens: int,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
+    temperature: float,
+    top_p: float,
+    top_k: int = 0,
     eos_id: int | None = None,
     generator: torch.Generator | None = None,
-) -> list[list[int]]:
-    """The new tokens of each prompt (lists of token ids, e.g. starting with bos).
+    sync_tokens: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    all_done: Callable[[bool], bool] | None = None,
+) -> Iterator[list[int | None]]:
+    """Each step's new token of every row, None for a row that has already produced `eos_id`.
 
-    temperature 0 decodes greedily; otherwise nucleus sampling with `top_p`, drawing from
-    `generator` (on the model's device) for reproducible samples. A row stops after it
-    produces `eos_id`, which ends its list; others run to `max_new_tokens`.
+    The arguments are `generate`'s, checked by the caller (`check_generate_args`), with
+    max_new_tokens > 0 and an empty `kv_cache` for len(prompts) rows of the longest prompt plus
+    max_new_tokens slots. Two hooks serve sharded models, whose forwards are collective:
+    `sync_tokens` replaces the sampled tokens (bsz,), e.g. by those of the first rank of a
+    tensor-parallel group; `all_done(done_here)` says whether every rank is done, so that a
+    rank whose rows have finished keeps stepping with the others (default: done_here).
     """
-    _check_args(model, prompts, max_new_tokens, temperature, top_p)
+    assert max_new_tokens > 0 and kv_cache.length == 0
     device = model.tok_embeddings.weight.device
     bsz = len(prompts)
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     longest = int(lengths.max())
-    results: list[list[int]] = [[] for _ in prompts]
-    if max_new_tokens == 0:
-        return results
 
     # (bsz, longest), each prompt at the right end
     num_pad = longest - lengths
     tokens = torch.full((bsz, longest), _PAD_ID, dtype=torch.long, device=device)
     for i, prompt in enumerate(prompts):
         tokens[i, int(num_pad[i]) :] = torch.tensor(prompt, dtype=torch.long, device=device)
-    cache = model.new_kv_cache(bsz, longest + max_new_tokens)
     padded = bool(num_pad.any())
     if padded:
         slots = torch.arange(longest, device=device)
@@ -132,31 +168,129 @@ def generate(
         document_ids = torch.where(
             slots[None, :] < num_pad[:, None], _PAD_DOCUMENT, _PROMPT_DOCUMENT
         )
-        logits = model(tokens, position_ids=position_ids, document_ids=document_ids, kv_cache=cache)
+        logits = model(
+            tokens, position_ids=position_ids, document_ids=document_ids, kv_cache=kv_cache
+        )
     else:
         # Equal lengths: the default positions and SDPA's own causal mask are right.
-        logits = model(tokens, kv_cache=cache)
+        logits = model(tokens, kv_cache=kv_cache)
 
     next_position = lengths[:, None]  # (bsz, 1)
     done = torch.zeros(bsz, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
         next_tokens = sample_next(
-            logits[:, -1], temperature=temperature, top_p=top_p, generator=generator
+            _last_logits(logits),
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            generator=generator,
         )
-        for i, (token, finished) in enumerate(
-            zip(next_tokens.tolist(), done.tolist(), strict=True)
-        ):
-            if not finished:
-                results[i].append(token)
+        if sync_tokens is not None:
+            next_tokens = sync_tokens(next_tokens)
+        yield [
+            None if finished else token
+            for token, finished in zip(next_tokens.tolist(), done.tolist(), strict=True)
+        ]
         if eos_id is not None:
             done |= next_tokens == eos_id
-        if bool(done.all()) or step == max_new_tokens - 1:
+        if step == max_new_tokens - 1:
+            break
+        done_here = bool(done.all())
+        if done_here if all_done is None else all_done(done_here):
             break
         # New tokens continue their row's document (the prompt) in the cache.
         position_ids = next_position if padded else None
-        logits = model(next_tokens[:, None], position_ids=position_ids, kv_cache=cache)
+        logits = model(next_tokens[:, None], position_ids=position_ids, kv_cache=kv_cache)
         next_position = next_position + 1
+
+
+def generate(
+    model: Llama,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    eos_id: int | None = None,
+    generator: torch.Generator | None = None,
+) -> list[list[int]]:
+    """The new tokens of each prompt (lists of token ids, e.g. starting with bos).
+
+    temperature 0 decodes greedily; otherwise sampling from the `top_k` most likely tokens
+    (0: no cut) and within them the `top_p` nucleus, drawing from `generator` (on the model's
+    device) for reproducible samples. A row stops after it produces `eos_id`, which ends its
+    list; others run to `max_new_tokens`.
+    """
+    check_generate_args(
+        model.cfg,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+    )
+    results: list[list[int]] = [[] for _ in prompts]
+    if max_new_tokens == 0:
+        return results
+    longest = max(len(p) for p in prompts)
+    cache = model.new_kv_cache(len(prompts), longest + max_new_tokens)
+    steps = decode(
+        model,
+        prompts,
+        kv_cache=cache,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        eos_id=eos_id,
+        generator=generator,
+    )
+    for new in steps:
+        for row, token in zip(results, new, strict=True):
+            if token is not None:
+                row.append(token)
     return results
+
+
+def stream(
+    model: Llama,
+    prompt: Sequence[int],
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    eos_id: int | None = None,
+    generator: torch.Generator | None = None,
+) -> Iterator[int]:
+    """`generate` of one prompt, each new token yielded as soon as it is sampled (eos last)."""
+    check_generate_args(
+        model.cfg,
+        [prompt],
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+    )
+    if max_new_tokens == 0:
+        return
+    cache = model.new_kv_cache(1, len(prompt) + max_new_tokens)
+    steps = decode(
+        model,
+        [prompt],
+        kv_cache=cache,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        eos_id=eos_id,
+        generator=generator,
+    )
+    for (token,) in steps:
+        if token is None:
+            return
+        yield token
 
 
 def load_for_generation(
@@ -210,6 +344,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--top-p", type=float, default=0.9, help="nucleus sampling mass (default: 0.9)"
     )
+    parser.add_argument(
+        "--top-k", type=int, default=0, help="sample among the k most likely (default: 0, all)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     parser.add_argument(
         "--chat",
@@ -249,6 +386,7 @@ def run(args: argparse.Namespace) -> list[tuple[str, str]]:
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_p=args.top_p,
+        top_k=args.top_k,
         generator=generator,
     )
     return list(zip(args.prompt, continuations, strict=True))
@@ -262,6 +400,7 @@ def complete(
     max_new_tokens: int,
     temperature: float,
     top_p: float,
+    top_k: int = 0,
     generator: torch.Generator | None = None,
 ) -> list[str]:
     """The decoded continuation of each tokenized prompt, stopping at the tokenizer's eos."""
@@ -271,6 +410,7 @@ def complete(
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         top_p=top_p,
+        top_k=top_k,
         eos_id=tokenizer.eos_id,
         generator=generator,
     )
