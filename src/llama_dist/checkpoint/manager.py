@@ -68,7 +68,17 @@ logger = logging.getLogger(__name__)
 _OPTIMIZER_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 # Fields that set parameter shapes; rope_theta, rope_scaling and max_seq_len only set buffers
 # recomputed from the config, so they may change on resume (continued long-context training).
-_SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim")
+# output_dim is the head's width (vocab_size for an LM), so an LM checkpoint and a reward model
+# of the same backbone differ there and nowhere else.
+_SHAPE_FIELDS = (
+    "dim",
+    "n_layers",
+    "n_heads",
+    "n_kv_heads",
+    "vocab_size",
+    "hidden_dim",
+    "output_dim",
+)
 
 
 class ModelState(Stateful):
@@ -140,6 +150,7 @@ def model_shape(cfg: LlamaConfig) -> dict[str, int]:
         "n_kv_heads": cfg.num_kv_heads,
         "vocab_size": cfg.vocab_size,
         "hidden_dim": cfg.hidden_dim,
+        "output_dim": cfg.output_width,
     }
 
 
@@ -452,8 +463,14 @@ def check_checkpoint(path: str | os.PathLike, model_config: LlamaConfig) -> Path
         details = ", ".join(
             f"{name}={saved[name]} (this model: {current[name]})" for name in differing
         )
+        hint = ""
+        if differing == ["output_dim"]:
+            hint = (
+                " (only the heads differ: to start a reward model from a language model, load "
+                "the backbone with llama_dist.models.reward.backbone_state_dict instead)"
+            )
         raise ValueError(
             f"{folder} holds a model of another shape: {details}; set the model config to "
-            "the checkpoint's shape, or load a checkpoint of this model"
+            f"the checkpoint's shape, or load a checkpoint of this model{hint}"
         )
     return folder

@@ -44,7 +44,7 @@ class LlamaConfig:
     n_layers: int = 32  # transformer blocks
     n_heads: int = 32  # query heads
     n_kv_heads: int | None = None  # key/value heads (GQA); None means n_heads (multi-head)
-    vocab_size: int = 32000  # rows of the embedding and the output projection
+    vocab_size: int = 32000  # rows of the embedding (and of the output projection of an LM)
     multiple_of: int = 256  # FFN hidden size is rounded up to a multiple of this
     ffn_dim_multiplier: float | None = None  # scales the 8/3 * dim FFN width (1.3 for 70B)
     ffn_hidden_dim: int | None = None  # explicit FFN hidden size; overrides the rule above
@@ -52,6 +52,9 @@ class LlamaConfig:
     rope_theta: float = 10000.0  # rotary base frequency
     rope_scaling: RopeScaling = field(default_factory=RopeScaling)
     max_seq_len: int = 4096  # longest sequence the rotary table is built for
+    # Width of the output projection: None = vocab_size (the language-model head); 1 = the
+    # scalar head of a reward model (a regression score per position, read at the last token).
+    output_dim: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.rope_scaling, dict):
@@ -61,6 +64,16 @@ class LlamaConfig:
     @property
     def num_kv_heads(self) -> int:
         return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def output_width(self) -> int:
+        """Rows of the output projection: vocab_size for an LM head, else output_dim."""
+        return self.vocab_size if self.output_dim is None else self.output_dim
+
+    @property
+    def is_lm_head(self) -> bool:
+        """Whether the output projection is the next-token head (its rows are the vocabulary)."""
+        return self.output_dim is None
 
     @property
     def head_dim(self) -> int:
@@ -98,6 +111,13 @@ class LlamaConfig:
                 f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={kv}; "
                 "n_kv_heads must divide n_heads (e.g. 8 for grouped-query attention)"
             )
+        if self.output_dim is not None and (
+            not isinstance(self.output_dim, int) or self.output_dim <= 0
+        ):
+            raise ValueError(
+                f"model.output_dim={self.output_dim!r} must be a positive integer (1 for a "
+                "reward model's scalar head) or None for the language-model head"
+            )
         if self.ffn_hidden_dim is not None and self.ffn_hidden_dim <= 0:
             raise ValueError(f"model.ffn_hidden_dim={self.ffn_hidden_dim} must be positive")
         if self.ffn_dim_multiplier is not None and self.ffn_dim_multiplier <= 0:
@@ -116,9 +136,11 @@ class LlamaConfig:
         attn = d * d * 2 + d * kv * hd * 2  # wq, wo + wk, wv
         ffn = 3 * d * self.hidden_dim  # w1, w2, w3
         norms = 2 * d
-        total = self.n_layers * (attn + ffn + norms) + d + 2 * self.vocab_size * d
+        embedding = self.vocab_size * d
+        head = self.output_width * d
+        total = self.n_layers * (attn + ffn + norms) + d + embedding + head
         if exclude_embedding:
-            total -= self.vocab_size * d
+            total -= embedding
         return total
 
     def replace(self, **overrides: Any) -> LlamaConfig:

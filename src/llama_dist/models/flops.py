@@ -11,7 +11,8 @@ def flops_per_token(cfg: LlamaConfig, seq_len: int) -> int:
     6 * (N - N_embedding) + 12 * L * H * Q * T, with
     - 6 * (N - N_embedding): every parameter is used in one multiply-add (2 FLOPs) forward and
       two backward (input and weight gradients). The embedding lookup is a gather, not a
-      matmul, so it is left out; the output projection is a matmul and counts.
+      matmul, so it is left out; the output projection is a matmul and counts at its own
+      width (vocab_size rows for an LM, `output_dim` rows for a reward model's scalar head).
     - 12 * L * H * Q * T: attention scores (q k^T) and their weighted sum (p v), 2 matmuls of
       2 * H * Q * T FLOPs each per token and layer forward, times 3 for forward + backward.
       Counted over the full T x T square, as the convention does, not only the causal half.

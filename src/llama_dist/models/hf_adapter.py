@@ -1,4 +1,8 @@
-"""Conversion between llama_dist's Llama and Hugging Face `LlamaForCausalLM` folders.
+"""Conversion between llama_dist's Llama and Hugging Face Llama folders.
+
+A language model (`LlamaConfig.output_dim` None) is a `LlamaForCausalLM`, its head `lm_head`; a
+model with another head (a reward model, output_dim 1) is a `LlamaForSequenceClassification`
+with `num_labels = output_dim`, its head `score`. The backbone is `model.*` in both.
 
 Parameter names differ (Meta reference names here, `model.layers.N.self_attn.q_proj` there), and
 so does the rotary layout: Meta rotates consecutive pairs (x[2i], x[2i+1]) of each head while
@@ -30,11 +34,20 @@ from llama_dist.models.llama import Llama
 # Llama 2's SentencePiece ids (../shared/docs/llama2.md, "Architecture").
 BOS_ID = 1
 EOS_ID = 2
+# Written as pad_token_id of exported sequence classifiers, which find each sequence's last
+# token as the rightmost one that is not padding. Llama 2 has no pad piece; unk (0) is never
+# produced by its byte-fallback tokenizer, and, unlike eos, it is never a sequence's last real
+# token. llama_dist's preference batches pad with it too.
+PAD_ID = 0
+
+CAUSAL_LM = "LlamaForCausalLM"
+SEQUENCE_CLASSIFIER = "LlamaForSequenceClassification"
+# The output projection's HF name per architecture; every other name is shared.
+_HEAD_TO_HF = {CAUSAL_LM: "lm_head.weight", SEQUENCE_CLASSIFIER: "score.weight"}
 
 _TOP_TO_HF = {
     "tok_embeddings.weight": "model.embed_tokens.weight",
     "norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
 }
 _LAYER_TO_HF = {
     "attention.wq.weight": "self_attn.q_proj.weight",
@@ -56,7 +69,6 @@ _HF_LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _HF_BUFFER_KEY = re.compile(r"(model\.)?(layers\.\d+\.self_attn\.)?rotary_emb\.\w*inv_freq")
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-_HF_ARCHITECTURE = "LlamaForCausalLM"
 _REQUIRED_HF_FIELDS = (
     "hidden_size",
     "intermediate_size",
@@ -69,9 +81,27 @@ _REQUIRED_HF_FIELDS = (
 
 
 # Names ----------------------------------------------------------------------------------------
-def to_hf_key(key: str) -> str:
+def hf_architecture(cfg: LlamaConfig) -> str:
+    """The HF class a model of `cfg` is saved as: LlamaForCausalLM for an LM head, else
+    LlamaForSequenceClassification."""
+    return CAUSAL_LM if cfg.is_lm_head else SEQUENCE_CLASSIFIER
+
+
+def _check_architecture(architecture: str) -> None:
+    if architecture not in _HEAD_TO_HF:
+        raise ValueError(
+            f"architecture {architecture!r} is not one llama_dist converts; use one of "
+            f"{sorted(_HEAD_TO_HF)}"
+        )
+
+
+def to_hf_key(key: str, *, architecture: str = CAUSAL_LM) -> str:
     """HF name of our parameter `key`, e.g. layers.3.attention.wq.weight ->
-    model.layers.3.self_attn.q_proj.weight."""
+    model.layers.3.self_attn.q_proj.weight; output.weight is lm_head.weight of a
+    LlamaForCausalLM and score.weight of a LlamaForSequenceClassification."""
+    _check_architecture(architecture)
+    if key == "output.weight":
+        return _HEAD_TO_HF[architecture]
     if key in _TOP_TO_HF:
         return _TOP_TO_HF[key]
     match = _OUR_LAYER_KEY.fullmatch(key)
@@ -80,15 +110,18 @@ def to_hf_key(key: str) -> str:
     raise ValueError(f"{key!r} is not a llama_dist Llama parameter; no HF name is known for it")
 
 
-def from_hf_key(hf_key: str) -> str:
-    """Our name of the HF `LlamaForCausalLM` parameter `hf_key` (inverse of `to_hf_key`)."""
+def from_hf_key(hf_key: str, *, architecture: str = CAUSAL_LM) -> str:
+    """Our name of the HF parameter `hf_key` of `architecture` (inverse of `to_hf_key`)."""
+    _check_architecture(architecture)
+    if hf_key == _HEAD_TO_HF[architecture]:
+        return "output.weight"
     if hf_key in _TOP_FROM_HF:
         return _TOP_FROM_HF[hf_key]
     match = _HF_LAYER_KEY.fullmatch(hf_key)
     if match and match.group(2) in _LAYER_FROM_HF:
         return f"layers.{match.group(1)}.{_LAYER_FROM_HF[match.group(2)]}"
     raise ValueError(
-        f"{hf_key!r} is not a LlamaForCausalLM parameter this converter knows; "
+        f"{hf_key!r} is not a {architecture} parameter this converter knows; "
         "only bias-free Llama 2 weights can be converted"
     )
 
@@ -118,7 +151,7 @@ def _half_to_interleaved(w: torch.Tensor, head_dim: int) -> torch.Tensor:
 
 def to_hf_tensor(key: str, tensor: torch.Tensor, cfg: LlamaConfig) -> tuple[str, torch.Tensor]:
     """(HF name, HF tensor) for our parameter `key`; wq and wk rows are permuted."""
-    hf_key = to_hf_key(key)
+    hf_key = to_hf_key(key, architecture=hf_architecture(cfg))
     if _is_rotary(key):
         tensor = _interleaved_to_half(tensor, cfg.head_dim)
     return hf_key, tensor
@@ -126,7 +159,7 @@ def to_hf_tensor(key: str, tensor: torch.Tensor, cfg: LlamaConfig) -> tuple[str,
 
 def from_hf_tensor(hf_key: str, tensor: torch.Tensor, cfg: LlamaConfig) -> tuple[str, torch.Tensor]:
     """(our name, our tensor) for the HF parameter `hf_key` (inverse of `to_hf_tensor`)."""
-    key = from_hf_key(hf_key)
+    key = from_hf_key(hf_key, architecture=hf_architecture(cfg))
     if _is_rotary(key):
         tensor = _half_to_interleaved(tensor, cfg.head_dim)
     return key, tensor
@@ -185,7 +218,7 @@ def check_state_dict(sd: Mapping[str, torch.Tensor], cfg: LlamaConfig, *, source
 
 
 def to_hf_state_dict(sd: Mapping[str, torch.Tensor], cfg: LlamaConfig) -> dict[str, torch.Tensor]:
-    """Our full state dict in HF `LlamaForCausalLM` names and rotary layout."""
+    """Our full state dict in HF names (of `hf_architecture(cfg)`) and rotary layout."""
     check_state_dict(sd, cfg, source="the llama_dist state dict")
     return dict(to_hf_tensor(k, t, cfg) for k, t in sd.items())
 
@@ -194,6 +227,7 @@ def _convert_from_hf(
     items: Iterable[tuple[str, torch.Tensor]], cfg: LlamaConfig, *, source: str
 ) -> dict[str, torch.Tensor]:
     expected = param_shapes(cfg)
+    architecture = hf_architecture(cfg)
     ours: dict[str, torch.Tensor] = {}
     seen: set[str] = set()
     unexpected: list[str] = []
@@ -202,7 +236,7 @@ def _convert_from_hf(
         if _is_hf_buffer(hf_key):
             continue
         try:
-            key = from_hf_key(hf_key)
+            key = from_hf_key(hf_key, architecture=architecture)
         except ValueError:
             key = None
         if key not in expected:  # not a Llama parameter, or a layer beyond n_layers
@@ -214,10 +248,10 @@ def _convert_from_hf(
             wrong.append(f"{hf_key} {tuple(tensor.shape)} != {tuple(expected[key])}")
             continue
         ours[key] = from_hf_tensor(hf_key, tensor, cfg)[1]
-    missing = [to_hf_key(k) for k in expected if k not in seen]
+    missing = [to_hf_key(k, architecture=architecture) for k in expected if k not in seen]
     _raise_on_mismatch(
         source,
-        f"its config ({cfg.n_layers} layers, untied embeddings, no biases)",
+        f"its config ({architecture}, {cfg.n_layers} layers, untied embeddings, no biases)",
         "Check that config.json belongs to these weights and that no weight file is missing",
         missing=missing,
         extra=unexpected,
@@ -229,7 +263,8 @@ def _convert_from_hf(
 def from_hf_state_dict(
     hf_sd: Mapping[str, torch.Tensor], cfg: LlamaConfig
 ) -> dict[str, torch.Tensor]:
-    """An HF `LlamaForCausalLM` state dict in our names and rotary layout.
+    """An HF `LlamaForCausalLM` (or, for a config with `output_dim`,
+    `LlamaForSequenceClassification`) state dict in our names and rotary layout.
 
     HF's rotary frequency buffers, which older versions saved, are skipped.
     """
@@ -238,7 +273,10 @@ def from_hf_state_dict(
 
 # Config ---------------------------------------------------------------------------------------
 def config_to_hf(cfg: LlamaConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-    """A `config.json` dict for HF `LlamaForCausalLM` with the shape of `cfg`.
+    """A `config.json` dict for HF `LlamaForCausalLM` with the shape of `cfg`, or for
+    `LlamaForSequenceClassification` when `cfg.output_dim` is set: num_labels = output_dim,
+    problem_type "regression" for one label (a reward), and pad_token_id = PAD_ID, without
+    which transformers scores only batches of one sequence.
 
     Rotary settings are written twice: `rope_parameters`, which transformers 5 reads, and the
     legacy `rope_theta` / `rope_scaling`, which transformers 4 reads. Transformers 5 accepts
@@ -257,8 +295,8 @@ def config_to_hf(cfg: LlamaConfig, dtype: torch.dtype = torch.float32) -> dict[s
     else:
         rope_parameters = {"rope_type": "default", "rope_theta": cfg.rope_theta}
         rope_scaling = None
-    return {
-        "architectures": [_HF_ARCHITECTURE],
+    hf_config = {
+        "architectures": [hf_architecture(cfg)],
         "model_type": "llama",
         "hidden_size": cfg.dim,
         "intermediate_size": cfg.hidden_dim,
@@ -286,6 +324,17 @@ def config_to_hf(cfg: LlamaConfig, dtype: torch.dtype = torch.float32) -> dict[s
         "dtype": _DTYPE_NAMES[dtype],
         "torch_dtype": _DTYPE_NAMES[dtype],
     }
+    if not cfg.is_lm_head:
+        num_labels = cfg.output_width
+        hf_config["pad_token_id"] = PAD_ID
+        # transformers derives num_labels from id2label; both are written so that either a
+        # reader of num_labels or of id2label sees the same head.
+        hf_config["num_labels"] = num_labels
+        hf_config["id2label"] = {str(i): f"LABEL_{i}" for i in range(num_labels)}
+        hf_config["label2id"] = {f"LABEL_{i}": i for i in range(num_labels)}
+        if num_labels == 1:
+            hf_config["problem_type"] = "regression"
+    return hf_config
 
 
 def _rope_from_hf(hf_config: Mapping[str, Any]) -> tuple[float, RopeScaling]:
@@ -310,15 +359,21 @@ def _rope_from_hf(hf_config: Mapping[str, Any]) -> tuple[float, RopeScaling]:
 def config_from_hf(hf_config: Mapping[str, Any]) -> LlamaConfig:
     """Our `LlamaConfig` from an HF `config.json` dict of a Llama model.
 
-    The FFN width is taken as an explicit `ffn_hidden_dim`, so no rounding rule is needed.
+    A `LlamaForSequenceClassification` becomes a config with `output_dim` = its number of
+    labels (transformers' default of 2 when the config names none). The FFN width is taken as
+    an explicit `ffn_hidden_dim`, so no rounding rule is needed.
     """
-    architectures = hf_config.get("architectures") or [_HF_ARCHITECTURE]
+    architectures = hf_config.get("architectures") or [CAUSAL_LM]
     model_type = hf_config.get("model_type")
-    if model_type != "llama" or list(architectures) != [_HF_ARCHITECTURE]:
+    if model_type != "llama" or len(architectures) != 1 or architectures[0] not in _HEAD_TO_HF:
         raise ValueError(
             f"config.json describes model_type={model_type!r}, architectures={architectures}; "
-            f"this converts Llama models only (model_type 'llama', {_HF_ARCHITECTURE})"
+            f"this converts Llama models only (model_type 'llama', {CAUSAL_LM} or "
+            f"{SEQUENCE_CLASSIFIER})"
         )
+    output_dim = None
+    if architectures[0] == SEQUENCE_CLASSIFIER:
+        output_dim = _num_labels(hf_config)
     unsupported = {
         "tie_word_embeddings": False,
         "attention_bias": False,
@@ -355,7 +410,23 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> LlamaConfig:
         rope_theta=theta,
         rope_scaling=scaling,
         max_seq_len=hf_config["max_position_embeddings"],
+        output_dim=output_dim,
     ).validate()
+
+
+def _num_labels(hf_config: Mapping[str, Any]) -> int:
+    # transformers reads id2label when present (num_labels is derived from it), else
+    # num_labels, else defaults to 2.
+    id2label = hf_config.get("id2label")
+    num_labels = len(id2label) if id2label else hf_config.get("num_labels", 2)
+    if hf_config.get("num_labels") not in (None, num_labels):
+        raise ValueError(
+            f"config.json num_labels={hf_config['num_labels']} disagrees with its id2label "
+            f"({num_labels} labels); make them agree (a reward model has one label)"
+        )
+    if not isinstance(num_labels, int) or num_labels < 1:
+        raise ValueError(f"config.json num_labels={num_labels!r} must be a positive integer")
+    return num_labels
 
 
 # Folders --------------------------------------------------------------------------------------
@@ -410,7 +481,8 @@ def read_hf_config(folder: str | os.PathLike) -> LlamaConfig:
 
 
 def load_hf_folder(folder: str | os.PathLike) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
-    """(config, state dict in our names) from an HF `LlamaForCausalLM` folder."""
+    """(config, state dict in our names) from an HF `LlamaForCausalLM` or
+    `LlamaForSequenceClassification` folder."""
     cfg = read_hf_config(folder)
     return cfg, _convert_from_hf(iter_hf_weights(folder), cfg, source=f"the weights in {folder}")
 
@@ -473,9 +545,11 @@ def save_hf_folder(
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = 5 * 2**30,
 ) -> Path:
-    """Write `sd` (our names) as an HF `LlamaForCausalLM` folder at `path`.
+    """Write `sd` (our names) as an HF folder at `path`: a `LlamaForCausalLM`, or for a config
+    with `output_dim` (a reward model) a `LlamaForSequenceClassification`.
 
-    config.json, generation_config.json and safetensors weights: one `model.safetensors`, or
+    config.json, generation_config.json (language models only) and safetensors weights: one
+    `model.safetensors`, or
     shards of at most `max_shard_bytes` (unless a single tensor is larger) with a
     `model.safetensors.index.json`. dtype None keeps the tensors' own dtype. Tensors are
     converted one shard at a time.
@@ -508,8 +582,9 @@ def save_hf_folder(
             index = {"metadata": {"total_size": sum(n for _, n in sizes)}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-        generation = {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID}
-        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        if cfg.is_lm_head:  # a reward model does not generate
+            generation = {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID}
+            (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         finish_output_folder(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -326,7 +326,8 @@ class Llama(nn.Module):
         # A ModuleDict keeps the names `layers.N` stable when a stage drops some layers.
         self.layers = nn.ModuleDict({str(i): TransformerBlock(i, cfg) for i in range(cfg.n_layers)})
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        # The next-token head (vocab_size rows) or, with cfg.output_dim, e.g. a reward score.
+        self.output = nn.Linear(cfg.dim, cfg.output_width, bias=False)
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
         # Not persistent: derived from the config, recomputed by init_weights after to_empty.
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -457,8 +458,13 @@ class Llama(nn.Module):
                 specs[name] = None
             elif name.startswith("tok_embeddings"):
                 specs[name] = 1.0
-            elif name.startswith("output"):
+            elif name.startswith("output") and self.cfg.is_lm_head:
                 specs[name] = self.cfg.dim**-0.5
+            elif name.startswith("output"):
+                # A scalar (reward) head takes transformers' initializer_range, as its
+                # LlamaForSequenceClassification does: a reward model started here begins like
+                # one started there, and the head is the only fresh tensor either way.
+                specs[name] = 0.02
             elif name.endswith(("wo.weight", "w2.weight")):
                 layer_id = int(name.split(".")[1])
                 specs[name] = 0.02 / math.sqrt(2 * (layer_id + 1))

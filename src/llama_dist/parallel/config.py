@@ -114,8 +114,13 @@ class ParallelConfig:
             ("model.n_heads", model.n_heads),
             ("model.n_kv_heads", model.num_kv_heads),
             ("the FFN hidden size", model.hidden_dim),
+            # The embedding is sharded on the vocabulary whatever the head.
             ("model.vocab_size", model.vocab_size),
         ]
+        if model.is_lm_head:
+            # Only an LM head is column-sharded; other heads (a reward model's scalar output)
+            # are replicated by apply_tp, so tp need not divide their width.
+            checks.append(("the output projection width", model.output_width))
         for what, value in checks:
             if value % tp:
                 raise ValueError(

@@ -4,14 +4,15 @@ Column-wise wq/wk/wv/w1/w3 and row-wise wo/w2 keep each rank's heads and FFN sli
 a block costs one all-reduce (or, with sequence parallelism, one all-gather + one
 reduce-scatter) before attention and one before the MLP. The embedding is row-wise (vocab
 sharded), the output projection column-wise (vocab sharded), which loss parallelism consumes
-without gathering the logits.
+without gathering the logits. A head that is not the vocabulary (a reward model's scalar score,
+`LlamaConfig.output_dim`) is replicated instead: one row cannot be split, and it is tiny.
 """
 
 from __future__ import annotations
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
+from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_module
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
@@ -35,6 +36,26 @@ def _replicate_norm(norm: nn.Module, mesh: DeviceMesh) -> None:
     distribute_module(norm, mesh, input_fn=to_dtensor, output_fn=to_local)
 
 
+def _replicate_head(output: nn.Module, mesh: DeviceMesh, input_layout: Placement) -> None:
+    """A head too narrow to shard (e.g. one reward score) as a replicated linear layer.
+
+    It receives the whole sequence (gathered from the sequence-parallel shards first) and
+    returns a plain tensor, equal on every rank. Its weight gradient needs no reduction: every
+    rank of a tp group computes the same loss on the same batch.
+    """
+
+    def gather_sequence(_module, inputs, device_mesh):
+        (x,) = inputs
+        if not isinstance(x, DTensor):
+            x = DTensor.from_local(x, device_mesh, [input_layout])
+        return (x.redistribute(device_mesh, [Replicate()]),)
+
+    def to_local(_module, output, _device_mesh):
+        return output.to_local()
+
+    distribute_module(output, mesh, input_fn=gather_sequence, output_fn=to_local)
+
+
 def apply_tp(
     model: nn.Module,
     tp_mesh: DeviceMesh,
@@ -45,21 +66,22 @@ def apply_tp(
     """Shard a `Llama` over `tp_mesh` in place.
 
     With `loss_parallel` the model returns logits as a DTensor sharded on the vocabulary;
-    compute the loss under `torch.distributed.tensor.parallel.loss_parallel()`.
+    compute the loss under `torch.distributed.tensor.parallel.loss_parallel()`. A model whose
+    head is not the vocabulary (`cfg.output_dim` set) returns its full outputs as a plain
+    tensor on every rank, whatever `loss_parallel` says.
     """
     seq = Shard(1) if sequence_parallel else Replicate()
-    parallelize_module(
-        model,
-        tp_mesh,
-        {
-            "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=seq),
-            "output": ColwiseParallel(
-                input_layouts=seq,
-                output_layouts=Shard(-1) if loss_parallel else Replicate(),
-                use_local_output=not loss_parallel,
-            ),
-        },
-    )
+    plan = {"tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=seq)}
+    lm_head = model.cfg.is_lm_head
+    if lm_head:
+        plan["output"] = ColwiseParallel(
+            input_layouts=seq,
+            output_layouts=Shard(-1) if loss_parallel else Replicate(),
+            use_local_output=not loss_parallel,
+        )
+    parallelize_module(model, tp_mesh, plan)
+    if not lm_head:
+        _replicate_head(model.output, tp_mesh, seq)
     if sequence_parallel:
         parallelize_module(model.norm, tp_mesh, SequenceParallel())
     else:
