@@ -64,7 +64,7 @@ def canonical_rating(label: str) -> str:
     ValueError listing the accepted labels otherwise.
     """
     if not isinstance(label, str):
-        raise ValueError(f"rating {label!r} must be a string, one of {sorted(_ALIASES)}")
+        raise ValueError(f"rating {label!r} must be a string, one of {list(RATINGS)}")
     key = re.sub(r"[\s\-/]+", "_", label.strip().lower())
     if key not in _ALIASES:
         raise ValueError(
