@@ -7,15 +7,11 @@
 Hydra overrides on the command line (conf/sft.yaml); the run folder is runs/<run_name>.
 """
 
-import sys
-from pathlib import Path
-
 import hydra
-import torch.distributed as dist
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from llama_dist.config import register_configs
+from llama_dist.train.common import run_entry_point
 from llama_dist.train.sft import sft
 
 register_configs()
@@ -23,14 +19,7 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="sft")
 def main(cfg: DictConfig) -> None:
-    try:
-        sft(OmegaConf.to_object(cfg), Path(HydraConfig.get().runtime.output_dir))
-    except ValueError as e:
-        print(f"sft: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    run_entry_point("sft", sft, OmegaConf.to_object(cfg))
 
 
 if __name__ == "__main__":

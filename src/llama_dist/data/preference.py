@@ -34,7 +34,7 @@ import logging
 import os
 import random
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from llama_dist.data.chat import encode_dialog
+from llama_dist.data.records import read_records
 from llama_dist.data.sft import to_dialog
 
 # Pad with the id exported reward models name as pad_token_id, so that transformers finds the
@@ -95,34 +96,6 @@ class PreferenceSummary:
 
 
 # Reading ----------------------------------------------------------------------------------------
-def _read_records(path: Path) -> Iterator[tuple[str, Any]]:
-    """(where, record) of a JSON list or a JSONL file; an unparsable JSONL line is yielded as
-    its ValueError, so that it can be skipped like any other bad record."""
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json" or text.lstrip().startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(
-                f"{path}: not valid JSON ({e}); use a list of records or JSONL"
-            ) from None
-        if not isinstance(data, list):
-            raise ValueError(
-                f"{path}: a JSON preference file must hold a list of records, got "
-                f"{type(data).__name__}; use [ {{...}}, ... ] or one record per line (JSONL)"
-            )
-        for i, record in enumerate(data):
-            yield f"{path} record {i}", record
-        return
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield f"{path}:{lineno}", json.loads(line)
-        except json.JSONDecodeError as e:
-            yield f"{path}:{lineno}", ValueError(f"not valid JSON ({e})")
-
-
 def _response(record: Mapping[str, Any], key: str) -> str:
     if key not in record:
         raise ValueError(f"the record has no {key!r} response")
@@ -286,7 +259,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
             raise ValueError(f"preference file {path} does not exist")
         self.summary.files.append(str(path))
         kept_before, records_before = len(self.pairs), self.summary.records
-        for where, record in _read_records(path):
+        for where, record in read_records(path):
             self.summary.records += 1
             try:
                 if isinstance(record, ValueError):

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from llama_dist.data.chat import encode_dialog
+from llama_dist.data.records import read_records
 from llama_dist.losses import IGNORE_INDEX
 from llama_dist.tokenizer import Tokenizer
 
@@ -97,36 +98,6 @@ class SFTDataConfig:
 
 
 # Reading ------------------------------------------------------------------------------------
-def read_records(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
-    """(where, record) of each record of a JSONL file (one JSON value per line) or a JSON
-    file holding a list; `where` names the file and line (or record index) for errors."""
-    path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    stripped = text.lstrip()
-    if path.suffix == ".json" or stripped.startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(
-                f"{path}: not valid JSON ({e}); use a list of records or JSONL"
-            ) from None
-        if not isinstance(data, list):
-            raise ValueError(
-                f"{path}: a JSON data file must hold a list of records, got "
-                f"{type(data).__name__}; use [ {{...}}, ... ] or one record per line (JSONL)"
-            )
-        for i, record in enumerate(data):
-            yield f"{path} record {i}", record
-        return
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield f"{path}:{lineno}", json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
-
-
 def detect_format(record: Any) -> str:
     if isinstance(record, dict):
         if "messages" in record:
@@ -252,6 +223,8 @@ def tokenize_file(
     offsets = [0]
     skipped: list[str] = []
     for where, record in read_records(path):
+        if isinstance(record, ValueError):  # a line that is not JSON is never skipped
+            raise ValueError(f"{where}: {record}")
         try:
             dialog = to_dialog(record, fmt)
             tokens = encode_dialog(tokenizer, dialog)  # validates the chat itself first

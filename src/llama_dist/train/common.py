@@ -7,6 +7,8 @@ Each loop calls these in its own readable order; none of them owns the loop.
 from __future__ import annotations
 
 import logging
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,14 +18,33 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 from torch import nn
 
-from llama_dist.checkpoint import CheckpointManager, step_checkpoints
-from llama_dist.config import OptimConfig
+from llama_dist.checkpoint import CheckpointManager, ModelState, OptimizerState, step_checkpoints
+from llama_dist.config import CheckpointConfig, OptimConfig, TrainConfig
 from llama_dist.lr_schedule import build_lr_scheduler
+from llama_dist.metrics.logger import MetricsLogger
 from llama_dist.metrics.mfu import peak_flops
-from llama_dist.parallel import build_adamw, init_distributed
-from llama_dist.train.step import clip_and_check
+from llama_dist.models.config import LlamaConfig
+from llama_dist.models.flops import flops_per_token
+from llama_dist.parallel import ParallelConfig, build_adamw, build_llama, init_distributed
+from llama_dist.parallel.fsdp import resolve_dtype
+from llama_dist.train.step import Throughput, TrainState, clip_and_check
 
 log = logging.getLogger(__name__)
+
+
+def run_entry_point(name: str, loop: Callable[[Any, Path], Any], job: Any) -> None:
+    """Run a loop from a Hydra entry point into Hydra's run folder: a user's mistake
+    (ValueError) is one line on stderr and exit code 2; the process group is always closed."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        loop(job, Path(HydraConfig.get().runtime.output_dir))
+    except ValueError as e:
+        print(f"{name}: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def refuse_fresh_start_over_checkpoints(checkpoint_dir: Path, resume: str) -> None:
@@ -62,6 +83,95 @@ def build_optimizer(
         optimizer, warmup_steps=o.warmup_steps, total_steps=total_steps, min_ratio=o.min_lr_ratio
     )
     return optimizer, scheduler
+
+
+@dataclass
+class Training:
+    """What a loop trains and checkpoints: the model, its optimizer and schedule, the loop
+    counters, the checkpoint manager and the states it saves, and the guarded step."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    state: TrainState
+    checkpoints: CheckpointManager
+    states: dict[str, Any]
+    step: GuardedStep
+
+
+def build_training(
+    model_cfg: LlamaConfig,
+    *,
+    parallel: ParallelConfig,
+    mesh: Any,
+    device: torch.device,
+    optim: OptimConfig,
+    train: TrainConfig,
+    checkpoint: CheckpointConfig,
+    checkpoint_dir: Path,
+    loader: Any,
+    total_steps: int,
+) -> Training:
+    """Build the sharded model (initialised from `train.seed`), AdamW and its schedule, and
+    the checkpoint manager over model, optimizer, schedule, `loader` and the counters."""
+    model = build_llama(model_cfg, parallel, mesh, device=device, seed=train.seed)
+    optimizer, scheduler = build_optimizer(model, optim, total_steps=total_steps)
+    state = TrainState()
+    checkpoints = CheckpointManager(
+        checkpoint_dir,
+        keep_last=checkpoint.keep_last,
+        async_save=checkpoint.async_save,
+        model_config=model_cfg,
+    )
+    states = {
+        "model": ModelState(model),
+        "optimizer": OptimizerState(model, optimizer),
+        "scheduler": scheduler,
+        "dataloader": loader,
+        "train": state,
+    }
+    step = GuardedStep(
+        optimizer,
+        scheduler,
+        list(model.parameters()),
+        clip_grad_norm=optim.clip_grad_norm,
+        max_nonfinite=train.max_nonfinite_steps,
+    )
+    return Training(model, optimizer, scheduler, state, checkpoints, states, step)
+
+
+def metrics_logger(
+    run_dir: Path, cfg: Any, *, train: TrainConfig, total_steps: int, start_step: int
+) -> MetricsLogger:
+    """The run's metrics (console, metrics.jsonl, wandb), written by rank 0."""
+    return MetricsLogger(
+        run_dir,
+        enabled=dist.get_rank() == 0,
+        total_steps=total_steps,
+        start_step=start_step,
+        use_wandb=train.wandb,
+        wandb_project=train.wandb_project,
+        config=OmegaConf.to_container(OmegaConf.structured(cfg)),
+    )
+
+
+def throughput_meter(
+    model_cfg: LlamaConfig,
+    *,
+    seq_len: int,
+    train: TrainConfig,
+    parallel: ParallelConfig,
+    device: torch.device,
+) -> Throughput:
+    return Throughput(
+        flops_per_token=flops_per_token(model_cfg, seq_len),
+        num_devices=dist.get_world_size(),
+        peak=device_peak_flops(
+            device,
+            train.peak_tflops,
+            resolve_dtype(parallel.param_dtype, device_type=device.type),
+        ),
+    )
 
 
 def resume_latest(

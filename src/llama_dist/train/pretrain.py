@@ -8,26 +8,23 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from omegaconf import OmegaConf
 
-from llama_dist.checkpoint import CheckpointManager, ModelState, OptimizerState, check_checkpoint
+from llama_dist.checkpoint import ModelState, check_checkpoint
 from llama_dist.config import JobConfig, SampleConfig, validate_job
 from llama_dist.data.indexed import PretrainData, TrainLoader, ValidLoader
 from llama_dist.generate import complete, load_for_generation
-from llama_dist.metrics.logger import MetricsLogger, peak_memory_gib, plot_loss_curve
-from llama_dist.models.flops import flops_per_token
-from llama_dist.parallel import build_llama, build_mesh, dp_rank_and_size
-from llama_dist.parallel.fsdp import resolve_dtype
+from llama_dist.metrics.logger import peak_memory_gib, plot_loss_curve
+from llama_dist.parallel import build_mesh, dp_rank_and_size
 from llama_dist.tokenizer import Tokenizer
 from llama_dist.train.common import (
-    GuardedStep,
-    build_optimizer,
-    device_peak_flops,
+    build_training,
+    metrics_logger,
     open_run,
     refuse_fresh_start_over_checkpoints,
     resume_latest,
+    throughput_meter,
 )
-from llama_dist.train.step import StopSignal, Throughput, TrainState, evaluate, forward_backward
+from llama_dist.train.step import StopSignal, TrainState, evaluate, forward_backward
 
 log = logging.getLogger("llama_dist.train.pretrain")
 
@@ -74,38 +71,29 @@ def pretrain(cfg: JobConfig, run_dir: Path) -> TrainState:
         dp_rank=dp_rank,
         dp_size=dp_size,
     )
-    model = build_llama(model_cfg, cfg.parallel, mesh, device=device, seed=cfg.train.seed)
-    optimizer, scheduler = build_optimizer(model, cfg.optim, total_steps=cfg.train.steps)
-    state = TrainState()
-    checkpoints = CheckpointManager(
-        checkpoint_dir,
-        keep_last=cfg.checkpoint.keep_last,
-        async_save=cfg.checkpoint.async_save,
-        model_config=model_cfg,
+    training = build_training(
+        model_cfg,
+        parallel=cfg.parallel,
+        mesh=mesh,
+        device=device,
+        optim=cfg.optim,
+        train=cfg.train,
+        checkpoint=cfg.checkpoint,
+        checkpoint_dir=checkpoint_dir,
+        loader=loader,
+        total_steps=cfg.train.steps,
     )
-    states = {
-        "model": ModelState(model),
-        "optimizer": OptimizerState(model, optimizer),
-        "scheduler": scheduler,
-        "dataloader": loader,
-        "train": state,
-    }
+    model, state, checkpoints = training.model, training.state, training.checkpoints
 
-    latest = resume_latest(checkpoints, states, resume=cfg.checkpoint.resume)
+    latest = resume_latest(checkpoints, training.states, resume=cfg.checkpoint.resume)
     if latest is not None:
         log.info("resumed from %s at step %d", latest, state.step)
     elif cfg.checkpoint.init_from:
         checkpoints.load(Path(cfg.checkpoint.init_from), {"model": ModelState(model)})
         log.info("initialised weights from %s", cfg.checkpoint.init_from)
 
-    metrics = MetricsLogger(
-        run_dir,
-        enabled=rank == 0,
-        total_steps=cfg.train.steps,
-        start_step=state.step,
-        use_wandb=cfg.train.wandb,
-        wandb_project=cfg.train.wandb_project,
-        config=OmegaConf.to_container(OmegaConf.structured(cfg)),
+    metrics = metrics_logger(
+        run_dir, cfg, train=cfg.train, total_steps=cfg.train.steps, start_step=state.step
     )
     eval_samples = cfg.train.eval_batches * cfg.train.micro_batch * dp_size or None
     valid_loader = ValidLoader(
@@ -116,25 +104,12 @@ def pretrain(cfg: JobConfig, run_dir: Path) -> TrainState:
         max_samples=eval_samples,
     )
     tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
-    throughput = Throughput(
-        flops_per_token=flops_per_token(model_cfg, cfg.data.seq_len),
-        num_devices=world_size,
-        peak=device_peak_flops(
-            device,
-            cfg.train.peak_tflops,
-            resolve_dtype(cfg.parallel.param_dtype, device_type=device.type),
-        ),
+    throughput = throughput_meter(
+        model_cfg, seq_len=cfg.data.seq_len, train=cfg.train, parallel=cfg.parallel, device=device
     )
     stop = StopSignal()
     fault_step = int(os.environ.get(FAULT_STEP_ENV, "0"))
     first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
-    guarded_step = GuardedStep(
-        optimizer,
-        scheduler,
-        list(model.parameters()),
-        clip_grad_norm=cfg.optim.clip_grad_norm,
-        max_nonfinite=cfg.train.max_nonfinite_steps,
-    )
     batches = iter(loader)
     last_saved: Path | None = None
 
@@ -151,7 +126,7 @@ def pretrain(cfg: JobConfig, run_dir: Path) -> TrainState:
             loss = forward_backward(model, micro_batches, parallel=cfg.parallel, device=device).loss
             state.step += 1
             state.tokens_seen += tokens_per_step
-            grad_norm, applied = guarded_step(loss, step=state.step)
+            grad_norm, applied = training.step(loss, step=state.step)
             state.skipped_steps += not applied
             throughput.add(tokens_per_step)
             metrics.advance(state.step)
@@ -161,7 +136,7 @@ def pretrain(cfg: JobConfig, run_dir: Path) -> TrainState:
                     state.step,
                     {
                         "loss": loss.item(),
-                        "lr": scheduler.get_last_lr()[0],
+                        "lr": training.scheduler.get_last_lr()[0],
                         "grad_norm": grad_norm,
                         **throughput.report(),
                         "peak_memory_gib": peak_memory_gib(device),
@@ -177,7 +152,7 @@ def pretrain(cfg: JobConfig, run_dir: Path) -> TrainState:
             stopping = stop.should_stop(device) or state.step == cfg.train.stop_after
             if state.step % cfg.checkpoint.every == 0 or done or stopping:
                 throughput.pause()
-                last_saved = checkpoints.save(state.step, states)
+                last_saved = checkpoints.save(state.step, training.states)
                 throughput.resume()
             if fault_step and first_attempt and state.step == fault_step:
                 checkpoints.wait()  # collective: every rank, before one of them dies

@@ -13,9 +13,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from omegaconf import OmegaConf
 
-from llama_dist.checkpoint import CheckpointManager, ModelState, OptimizerState
 from llama_dist.checkpoint.init import load_initial_weights, source_config
 from llama_dist.config import (
     SampleConfig,
@@ -28,22 +26,20 @@ from llama_dist.config import (
 from llama_dist.data.chat import encode_dialog
 from llama_dist.data.sft import SFTData, SFTLoader, valid_batches
 from llama_dist.generate import complete, load_for_generation
-from llama_dist.metrics.logger import MetricsLogger, peak_memory_gib, plot_loss_curve
+from llama_dist.metrics.logger import peak_memory_gib, plot_loss_curve
 from llama_dist.models.config import LlamaConfig
-from llama_dist.models.flops import flops_per_token
-from llama_dist.parallel import build_llama, build_mesh, dp_rank_and_size
-from llama_dist.parallel.fsdp import resolve_dtype
+from llama_dist.parallel import build_mesh, dp_rank_and_size
 from llama_dist.tokenizer import Tokenizer
 from llama_dist.train.common import (
-    GuardedStep,
-    build_optimizer,
-    device_peak_flops,
+    build_training,
+    metrics_logger,
     open_run,
     refuse_fresh_start_over_checkpoints,
     resume_latest,
+    throughput_meter,
 )
 from llama_dist.train.pretrain import MAX_SAMPLE_PARAMS, check_tokenizer
-from llama_dist.train.step import StopSignal, Throughput, TrainState, evaluate, forward_backward
+from llama_dist.train.step import StopSignal, TrainState, evaluate, forward_backward
 
 log = logging.getLogger("llama_dist.train.sft")
 
@@ -123,56 +119,34 @@ def sft(cfg: SFTJobConfig, run_dir: Path) -> TrainState:
         dp_rank=dp_rank,
         dp_size=dp_size,
     )
-    model = build_llama(model_cfg, cfg.parallel, mesh, device=device, seed=cfg.train.seed)
-    optimizer, scheduler = build_optimizer(model, cfg.optim, total_steps=total_steps)
-    state = TrainState()
-    checkpoints = CheckpointManager(
-        checkpoint_dir,
-        keep_last=cfg.checkpoint.keep_last,
-        async_save=cfg.checkpoint.async_save,
-        model_config=model_cfg,
+    training = build_training(
+        model_cfg,
+        parallel=cfg.parallel,
+        mesh=mesh,
+        device=device,
+        optim=cfg.optim,
+        train=cfg.train,
+        checkpoint=cfg.checkpoint,
+        checkpoint_dir=checkpoint_dir,
+        loader=loader,
+        total_steps=total_steps,
     )
-    states = {
-        "model": ModelState(model),
-        "optimizer": OptimizerState(model, optimizer),
-        "scheduler": scheduler,
-        "dataloader": loader,
-        "train": state,
-    }
-    latest = resume_latest(checkpoints, states, resume=cfg.checkpoint.resume)
+    model, state, checkpoints = training.model, training.state, training.checkpoints
+    latest = resume_latest(checkpoints, training.states, resume=cfg.checkpoint.resume)
     if latest is not None:
         log.info("resumed from %s at step %d", latest, state.step)
     else:
         load_initial_weights(model, cfg.init_from)
         log.info("initialised weights from %s", cfg.init_from)
 
-    metrics = MetricsLogger(
-        run_dir,
-        enabled=rank == 0,
-        total_steps=total_steps,
-        start_step=state.step,
-        use_wandb=cfg.train.wandb,
-        wandb_project=cfg.train.wandb_project,
-        config=OmegaConf.to_container(OmegaConf.structured(cfg)),
+    metrics = metrics_logger(
+        run_dir, cfg, train=cfg.train, total_steps=total_steps, start_step=state.step
     )
     if state.step == 0:
         metrics.log(0, data.stats, kind="data")
     tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
-    throughput = Throughput(
-        flops_per_token=flops_per_token(model_cfg, cfg.data.seq_len),
-        num_devices=world_size,
-        peak=device_peak_flops(
-            device,
-            cfg.train.peak_tflops,
-            resolve_dtype(cfg.parallel.param_dtype, device_type=device.type),
-        ),
-    )
-    guarded_step = GuardedStep(
-        optimizer,
-        scheduler,
-        list(model.parameters()),
-        clip_grad_norm=cfg.optim.clip_grad_norm,
-        max_nonfinite=cfg.train.max_nonfinite_steps,
+    throughput = throughput_meter(
+        model_cfg, seq_len=cfg.data.seq_len, train=cfg.train, parallel=cfg.parallel, device=device
     )
     stop = StopSignal()
     last_saved: Path | None = None
@@ -192,7 +166,7 @@ def sft(cfg: SFTJobConfig, run_dir: Path) -> TrainState:
             out = forward_backward(model, next(loader), parallel=cfg.parallel, device=device)
             state.step += 1
             state.tokens_seen += tokens_per_step
-            grad_norm, applied = guarded_step(out.loss, step=state.step)
+            grad_norm, applied = training.step(out.loss, step=state.step)
             state.skipped_steps += not applied
             throughput.add(tokens_per_step)
             metrics.advance(state.step)
@@ -202,7 +176,7 @@ def sft(cfg: SFTJobConfig, run_dir: Path) -> TrainState:
                     state.step,
                     {
                         "loss": out.loss.item(),
-                        "lr": scheduler.get_last_lr()[0],
+                        "lr": training.scheduler.get_last_lr()[0],
                         "grad_norm": grad_norm,
                         "answer_tokens": out.num_units,
                         "epoch": loader.epoch_of(loader.consumed_rows),
@@ -218,7 +192,7 @@ def sft(cfg: SFTJobConfig, run_dir: Path) -> TrainState:
             stopping = stop.should_stop(device) or state.step == cfg.train.stop_after
             if state.step % cfg.checkpoint.every == 0 or done or stopping:
                 throughput.pause()
-                last_saved = checkpoints.save(state.step, states)
+                last_saved = checkpoints.save(state.step, training.states)
                 throughput.resume()
             if stopping:
                 log.warning("stopping after step %d on request (checkpoint saved)", state.step)
