@@ -15,6 +15,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from llama_dist.data.config import DataConfig
+from llama_dist.data.reward_data import RewardDataConfig
 from llama_dist.data.sft import SFTDataConfig
 from llama_dist.models.config import LlamaConfig, RopeScaling, get_preset
 from llama_dist.parallel.config import ACConfig, ParallelConfig
@@ -110,17 +111,16 @@ class OptimConfig:
 
 
 @dataclass
-class TrainConfig:
-    """The loop: how long, how big a batch, how often to log and evaluate."""
+class LoopConfig:
+    """What every training loop shares: how long, how often to log and evaluate, where."""
 
     # Optimizer steps in total (a resumed run continues to this). Fine-tuning jobs may leave it
     # null to take it from their epochs; set, it stops them early.
     steps: int | None = 1000
-    global_batch_tokens: int = 4_194_304  # tokens per optimizer step, over all ranks
-    micro_batch: int = 1  # sequences per rank per forward/backward
+    micro_batch: int = 1  # sequences (pairs for reward models) per rank per forward/backward
     seed: int = 0  # model initialisation and sampling (the data order has data.seed)
     log_every: int = 10
-    eval_every: int = 200  # validation loss/perplexity every N steps (0: only at the end)
+    eval_every: int = 200  # validation every N steps (0: only at the end)
     eval_batches: int = 20  # validation micro-batches per rank per evaluation (0: all)
     max_nonfinite_steps: int = 5  # abort after this many non-finite losses in a row
     device: str = "auto"  # auto | cpu | cuda
@@ -128,9 +128,16 @@ class TrainConfig:
     wandb: bool = True  # log to wandb (offline unless logged in)
     wandb_project: str = "llama_dist"
     stop_after: int | None = None  # stop (with a checkpoint) after this step, e.g. for tests
-    # derived in validate_job:
+    # derived in validation:
     grad_accum: int = 0
-    global_batch: int = 0  # sequences per optimizer step
+    global_batch: int = 0  # sequences (pairs) per optimizer step
+
+
+@dataclass
+class TrainConfig(LoopConfig):
+    """The loop of token-level training (pretraining, SFT): batches counted in tokens."""
+
+    global_batch_tokens: int = 4_194_304  # tokens per optimizer step, over all ranks
 
 
 @dataclass
@@ -196,10 +203,52 @@ class SFTJobConfig:
     run_name: str = "sft"  # default run folder: runs/<run_name>
 
 
+@dataclass
+class RewardLossConfig:
+    """The binary ranking loss with a margin by rating, plus the Safety RM's auxiliary term
+    (llama2.md, "Reward models"; rlhf/ranking.py)."""
+
+    margin: str = "none"  # none | small | large (the paper's Table 27) | custom
+    custom_margins: dict[str, float] = field(default_factory=dict)  # rating -> margin
+    safety_weight: float = 0.0  # weight of the safe/unsafe term (a Safety RM: e.g. 1.0)
+
+
+@dataclass
+class RewardTrainConfig(LoopConfig):
+    """The reward-model loop: batches counted in preference pairs."""
+
+    global_batch_pairs: int = 512  # pairs per optimizer step over all ranks (llama2.md)
+
+
+@dataclass
+class RewardJobConfig:
+    """A Helpfulness or Safety reward model (llama2.md, "Reward models"): the backbone comes
+    from `init_from` (a chat model), with a fresh scalar head."""
+
+    # An SFT (or pretraining) checkpoint or a Hugging Face Llama folder; a reward-model
+    # checkpoint continues with its own head.
+    init_from: str | None = None
+    tokenizer: str | None = None  # tokenizer.model of the base model (required)
+    data: RewardDataConfig = field(default_factory=RewardDataConfig)
+    loss: RewardLossConfig = field(default_factory=RewardLossConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    # lr null: 1e-5, or 5e-6 for models of 70B parameters and more; cosine to 10%; warmup 3%
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(lr=None, warmup_steps=None, weight_decay=0.1)
+    )
+    train: RewardTrainConfig = field(
+        default_factory=lambda: RewardTrainConfig(steps=None, eval_every=100, log_every=1)
+    )
+    epochs: float = 1.0  # the paper trains one epoch (more over-fits)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    run_name: str = "reward"  # default run folder: runs/<run_name>
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="job_schema", node=JobConfig)
     cs.store(name="sft_schema", node=SFTJobConfig)
+    cs.store(name="reward_schema", node=RewardJobConfig)
 
 
 def to_job_config(cfg: Any) -> JobConfig:
@@ -231,24 +280,37 @@ def validate_job(cfg: JobConfig, world_size: int) -> LlamaConfig:
 
 def validate_batch(t: TrainConfig, *, seq_len: int, dp: int) -> None:
     """Check the loop settings and fill train.global_batch and train.grad_accum."""
-    for name in ("global_batch_tokens", "micro_batch", "log_every"):
-        if getattr(t, name) <= 0:
-            raise ValueError(f"train.{name}={getattr(t, name)} must be positive")
-    if t.steps is not None and t.steps <= 0:
-        raise ValueError(f"train.steps={t.steps} must be positive")
+    if t.global_batch_tokens <= 0:
+        raise ValueError(f"train.global_batch_tokens={t.global_batch_tokens} must be positive")
     if t.global_batch_tokens % seq_len:
         raise ValueError(
             f"train.global_batch_tokens={t.global_batch_tokens} is not a multiple of "
             f"data.seq_len={seq_len}; use a multiple such as "
             f"{max(1, t.global_batch_tokens // seq_len) * seq_len}"
         )
-    t.global_batch = t.global_batch_tokens // seq_len
+    validate_loop(
+        t,
+        global_batch=t.global_batch_tokens // seq_len,
+        dp=dp,
+        what="sequences (train.global_batch_tokens / data.seq_len)",
+        fix="change global_batch_tokens or micro_batch",
+    )
+
+
+def validate_loop(t: LoopConfig, *, global_batch: int, dp: int, what: str, fix: str) -> None:
+    """Check the settings every loop shares and fill train.global_batch (`global_batch`
+    units: sequences, pairs) and train.grad_accum."""
+    for name in ("micro_batch", "log_every"):
+        if getattr(t, name) <= 0:
+            raise ValueError(f"train.{name}={getattr(t, name)} must be positive")
+    if t.steps is not None and t.steps <= 0:
+        raise ValueError(f"train.steps={t.steps} must be positive")
+    t.global_batch = global_batch
     per_step = t.micro_batch * dp
     if t.global_batch % per_step:
         raise ValueError(
-            f"global batch of {t.global_batch} sequences (train.global_batch_tokens / "
-            f"data.seq_len) is not divisible by train.micro_batch ({t.micro_batch}) x "
-            f"data-parallel size ({dp}); change global_batch_tokens or micro_batch"
+            f"global batch of {t.global_batch} {what} is not divisible by train.micro_batch "
+            f"({t.micro_batch}) x data-parallel size ({dp}); {fix}"
         )
     t.grad_accum = t.global_batch // per_step
     if t.device not in ("auto", "cpu", "cuda"):
@@ -296,7 +358,11 @@ __all__ = [
     "CheckpointConfig",
     "JobConfig",
     "ModelConfig",
+    "LoopConfig",
     "OptimConfig",
+    "RewardJobConfig",
+    "RewardLossConfig",
+    "RewardTrainConfig",
     "SFTJobConfig",
     "SampleConfig",
     "TrainConfig",

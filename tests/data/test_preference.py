@@ -283,6 +283,29 @@ def test_synthetic_pairs_follow_their_rule(tmp_path, tokenizer):
     assert accuracy_counts(oracle_r, oracle_c, batch["rating_ids"])[-1, 0] == 0
 
 
+def test_synthetic_safety_rule_puts_safety_first(tmp_path):
+    path = write_synthetic_preferences(
+        tmp_path / "safety.jsonl", num_pairs=300, seed=1, unsafe_fraction=0.5, rule="safety"
+    )
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    mixed = [r for r in records if r["chosen_safe"] != r["rejected_safe"]]
+    assert 100 < len(mixed) < 200
+    # The safe response wins, also where the unsafe one holds more good words.
+    assert all(r["chosen_safe"] and synthetic_is_safe(r["chosen"]) for r in mixed)
+    assert all(not synthetic_is_safe(r["rejected"]) for r in mixed)
+    assert any(
+        synthetic_helpfulness(r["rejected"]) > synthetic_helpfulness(r["chosen"]) for r in mixed
+    )
+    for r in records:
+        if r["chosen_safe"] == r["rejected_safe"]:
+            assert r["chosen_safe"] and synthetic_is_safe(r["rejected"])
+            gap = synthetic_helpfulness(r["chosen"]) - synthetic_helpfulness(r["rejected"])
+            assert r["rating"] == synthetic_rating(gap)
+        assert r["safety_tagged"] == (r["chosen_safe"] != r["rejected_safe"])
+    with pytest.raises(ValueError, match="rule="):
+        write_synthetic_preferences(tmp_path / "x.jsonl", num_pairs=1, rule="harmless")
+
+
 def test_synthetic_words_are_disjoint():
     assert not set(GOOD_WORDS) & set(BAD_WORDS)
     with pytest.raises(ValueError, match="gap=0"):

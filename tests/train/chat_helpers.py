@@ -24,9 +24,12 @@ BASE = LlamaConfig(
 )
 
 
-def make_tokenizer(root: Path) -> Path:
+def make_tokenizer(root: Path, words: tuple[str, ...] = ()) -> Path:
+    """A 320-piece tokenizer trained on WORDS (and `words`, e.g. the synthetic preference
+    vocabulary), so that each of them is one piece or two."""
     rng = random.Random(0)
-    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))) for _ in range(400)]
+    vocab = [*WORDS, *words]
+    lines = [" ".join(rng.choice(vocab) for _ in range(rng.randint(4, 12))) for _ in range(400)]
     lines += ["repeat: " + line for line in lines[:50]]
     corpus = root / "corpus.txt"
     corpus.write_text("\n".join(lines) + "\n")

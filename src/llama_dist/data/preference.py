@@ -43,7 +43,7 @@ import torch
 
 from llama_dist.data.chat import encode_dialog
 from llama_dist.data.records import read_records
-from llama_dist.data.sft import to_dialog
+from llama_dist.data.sft import OVERLONG, to_dialog
 
 # Pad with the id exported reward models name as pad_token_id, so that transformers finds the
 # same last tokens in our batches.
@@ -53,7 +53,6 @@ from llama_dist.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-OVERLONG = ("truncate", "drop")
 _ASSISTANT_FROM = ("gpt", "assistant", "model")
 _OPTIONAL_BOOLS = ("chosen_safe", "rejected_safe", "safety_tagged")
 
@@ -406,20 +405,34 @@ def _synthetic_response(rng: random.Random, num_good: int, unsafe: bool) -> str:
     return " ".join(words)
 
 
-def write_synthetic_preferences(
-    path: str | os.PathLike, *, num_pairs: int, seed: int = 0, unsafe_fraction: float = 0.3
-) -> Path:
-    """Write `num_pairs` records in our JSONL layout that follow the rule above exactly.
+SYNTHETIC_RULES = ("helpfulness", "safety")
 
-    Gaps 1..4 are drawn uniformly, so every rating bucket is populated; each response is made
-    unsafe with probability `unsafe_fraction` (chosen_safe / rejected_safe say which), and a
-    pair with an unsafe response is safety_tagged. Prompts alternate between a string and a
-    message list with a system message. Deterministic in `seed`.
+
+def write_synthetic_preferences(
+    path: str | os.PathLike,
+    *,
+    num_pairs: int,
+    seed: int = 0,
+    unsafe_fraction: float = 0.3,
+    rule: str = "helpfulness",
+) -> Path:
+    """Write `num_pairs` records in our JSONL layout that follow a known rule exactly.
+
+    rule "helpfulness": the chosen response has more GOOD_WORDS; gaps 1..4 are drawn
+    uniformly, so every rating bucket is populated; each response is made unsafe with
+    probability `unsafe_fraction` whatever its rank (chosen_safe / rejected_safe say which).
+    rule "safety": a safe response beats an unsafe one whatever their good words (such a pair
+    is rated significantly better), and with probability 1 - `unsafe_fraction` a pair is a
+    helpfulness pair of two safe responses. In both, a pair with an unsafe response is
+    safety_tagged. Prompts alternate between a string and a message list with a system
+    message. Deterministic in `seed`.
     """
     if num_pairs < 1:
         raise ValueError(f"num_pairs={num_pairs} must be >= 1")
     if not 0.0 <= unsafe_fraction <= 1.0:
         raise ValueError(f"unsafe_fraction={unsafe_fraction} must be in [0, 1]")
+    if rule not in SYNTHETIC_RULES:
+        raise ValueError(f"rule={rule!r} must be one of {SYNTHETIC_RULES}")
     rng = random.Random(seed)
     path = Path(path)
     with open(path, "w", encoding="utf-8") as f:
@@ -427,10 +440,23 @@ def write_synthetic_preferences(
             topic = rng.choice(_TOPICS)
             gap = rng.randint(1, 4)
             rejected_good = rng.randint(0, 2)
-            unsafe_c = rng.random() < unsafe_fraction
-            unsafe_r = rng.random() < unsafe_fraction
-            chosen = _synthetic_response(rng, rejected_good + gap, unsafe_c)
-            rejected = _synthetic_response(rng, rejected_good, unsafe_r)
+            if rule == "helpfulness":
+                unsafe_c = rng.random() < unsafe_fraction
+                unsafe_r = rng.random() < unsafe_fraction
+                chosen = _synthetic_response(rng, rejected_good + gap, unsafe_c)
+                rejected = _synthetic_response(rng, rejected_good, unsafe_r)
+                rating = synthetic_rating(gap)
+            elif rng.random() < unsafe_fraction:
+                # The unsafe response may well hold more good words; it still loses.
+                unsafe_c, unsafe_r = False, True
+                chosen = _synthetic_response(rng, rng.randint(0, 3), unsafe_c)
+                rejected = _synthetic_response(rng, rng.randint(0, 5), unsafe_r)
+                rating = synthetic_rating(4)
+            else:
+                unsafe_c = unsafe_r = False
+                chosen = _synthetic_response(rng, rejected_good + gap, unsafe_c)
+                rejected = _synthetic_response(rng, rejected_good, unsafe_r)
+                rating = synthetic_rating(gap)
             prompt: str | list[dict[str, str]] = f"Tell me about {topic}."
             if i % 2:
                 prompt = [
@@ -441,7 +467,7 @@ def write_synthetic_preferences(
                 "prompt": prompt,
                 "chosen": chosen,
                 "rejected": rejected,
-                "rating": synthetic_rating(gap),
+                "rating": rating,
                 "chosen_safe": not unsafe_c,
                 "rejected_safe": not unsafe_r,
                 "safety_tagged": unsafe_c or unsafe_r,

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from llama_dist.data.chat import encode_dialog
+from llama_dist.data.epochs import epochs_done, items_at, rank_chunks
 from llama_dist.data.records import read_records
 from llama_dist.losses import IGNORE_INDEX
 from llama_dist.tokenizer import Tokenizer
@@ -479,33 +480,16 @@ class SFTLoader:
         self.per_rank = global_batch // dp_size
         self.consumed_rows = 0
 
-    def rows_at(self, start: int, count: int) -> list[list[int]]:
-        rows, epoch, offset = [], 0, start
-        while len(rows) < count:
-            epoch_rows = self.data.epoch_rows(epoch)
-            if offset >= len(epoch_rows):
-                offset -= len(epoch_rows)
-                epoch += 1
-                continue
-            take = epoch_rows[offset : offset + count - len(rows)]
-            rows += take
-            offset += len(take)
-        return rows
-
     def epoch_of(self, row: int) -> float:
         """Epochs completed after `row` rows (fractional)."""
-        epoch = 0
-        while row >= (n := len(self.data.epoch_rows(epoch))):
-            row -= n
-            epoch += 1
-        return epoch + row / n
+        return epochs_done(self.data.epoch_rows, row)
 
     def __iter__(self) -> SFTLoader:
         return self
 
     def __next__(self) -> list[dict[str, torch.Tensor]]:
         first = self.consumed_rows + self.dp_rank * self.per_rank
-        rows = self.rows_at(first, self.per_rank)
+        rows = items_at(self.data.epoch_rows, first, self.per_rank)
         self.consumed_rows += self.global_batch
         return [
             self.data.batch(rows[i : i + self.micro_batch])
@@ -524,14 +508,9 @@ def valid_batches(
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Held-out rows of this rank; every rank yields the same number of batches (forwards
     are collective), rows past the end repeat row 0 with `sample_mask` False."""
-    rows = data.valid_rows
-    per_batch = micro_batch * dp_size
-    for b in range(-(-len(rows) // per_batch)):
-        start = (b * dp_size + dp_rank) * micro_batch
-        positions = range(start, start + micro_batch)
-        real = [p < len(rows) for p in positions]
-        batch = data.batch(
-            [rows[p] if ok else rows[0] for p, ok in zip(positions, real, strict=True)]
-        )
+    for rows, real in rank_chunks(
+        data.valid_rows, micro_batch=micro_batch, dp_rank=dp_rank, dp_size=dp_size
+    ):
+        batch = data.batch(rows)
         batch["sample_mask"] = torch.tensor(real)
         yield batch

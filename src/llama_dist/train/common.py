@@ -21,7 +21,7 @@ from torch import nn
 from llama_dist.checkpoint import CheckpointManager, ModelState, OptimizerState, step_checkpoints
 from llama_dist.config import CheckpointConfig, OptimConfig, TrainConfig
 from llama_dist.lr_schedule import build_lr_scheduler
-from llama_dist.metrics.logger import MetricsLogger
+from llama_dist.metrics.logger import MetricsLogger, peak_memory_gib
 from llama_dist.metrics.mfu import peak_flops
 from llama_dist.models.config import LlamaConfig
 from llama_dist.models.flops import flops_per_token
@@ -172,6 +172,25 @@ def throughput_meter(
             resolve_dtype(parallel.param_dtype, device_type=device.type),
         ),
     )
+
+
+def step_metrics(
+    loss: torch.Tensor,
+    grad_norm: float,
+    training: Training,
+    throughput: Throughput,
+    device: torch.device,
+) -> dict[str, float]:
+    """What every loop logs after an optimizer step: loss, lr, gradient norm, throughput
+    since the last report, peak memory and the count of skipped steps."""
+    return {
+        "loss": loss.item(),
+        "lr": training.scheduler.get_last_lr()[0],
+        "grad_norm": grad_norm,
+        **throughput.report(),
+        "peak_memory_gib": peak_memory_gib(device),
+        "skipped_steps": training.state.skipped_steps,
+    }
 
 
 def resume_latest(

@@ -13,7 +13,7 @@ from llama_dist.checkpoint import ModelState, check_checkpoint
 from llama_dist.config import JobConfig, SampleConfig, validate_job
 from llama_dist.data.indexed import PretrainData, TrainLoader, ValidLoader
 from llama_dist.generate import complete, load_for_generation
-from llama_dist.metrics.logger import peak_memory_gib, plot_loss_curve
+from llama_dist.metrics.logger import plot_loss_curve
 from llama_dist.parallel import build_mesh, dp_rank_and_size
 from llama_dist.tokenizer import Tokenizer
 from llama_dist.train.common import (
@@ -22,6 +22,7 @@ from llama_dist.train.common import (
     open_run,
     refuse_fresh_start_over_checkpoints,
     resume_latest,
+    step_metrics,
     throughput_meter,
 )
 from llama_dist.train.step import StopSignal, TrainState, evaluate, forward_backward
@@ -132,17 +133,8 @@ def pretrain(cfg: JobConfig, run_dir: Path) -> TrainState:
             metrics.advance(state.step)
 
             if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
-                metrics.log(
-                    state.step,
-                    {
-                        "loss": loss.item(),
-                        "lr": training.scheduler.get_last_lr()[0],
-                        "grad_norm": grad_norm,
-                        **throughput.report(),
-                        "peak_memory_gib": peak_memory_gib(device),
-                        "skipped_steps": state.skipped_steps,
-                    },
-                )
+                record = step_metrics(loss, grad_norm, training, throughput, device)
+                metrics.log(state.step, record)
             done = state.step == cfg.train.steps
             if (cfg.train.eval_every and state.step % cfg.train.eval_every == 0) or done:
                 throughput.pause()  # evaluation and checkpoints are not training throughput

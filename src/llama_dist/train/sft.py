@@ -26,7 +26,7 @@ from llama_dist.config import (
 from llama_dist.data.chat import encode_dialog
 from llama_dist.data.sft import SFTData, SFTLoader, valid_batches
 from llama_dist.generate import complete, load_for_generation
-from llama_dist.metrics.logger import peak_memory_gib, plot_loss_curve
+from llama_dist.metrics.logger import plot_loss_curve
 from llama_dist.models.config import LlamaConfig
 from llama_dist.parallel import build_mesh, dp_rank_and_size
 from llama_dist.tokenizer import Tokenizer
@@ -36,6 +36,7 @@ from llama_dist.train.common import (
     open_run,
     refuse_fresh_start_over_checkpoints,
     resume_latest,
+    step_metrics,
     throughput_meter,
 )
 from llama_dist.train.pretrain import MAX_SAMPLE_PARAMS, check_tokenizer
@@ -172,17 +173,13 @@ def sft(cfg: SFTJobConfig, run_dir: Path) -> TrainState:
             metrics.advance(state.step)
             done = state.step == total_steps
             if state.step % cfg.train.log_every == 0 or done:
+                record = step_metrics(out.loss, grad_norm, training, throughput, device)
                 metrics.log(
                     state.step,
                     {
-                        "loss": out.loss.item(),
-                        "lr": training.scheduler.get_last_lr()[0],
-                        "grad_norm": grad_norm,
+                        **record,
                         "answer_tokens": out.num_units,
                         "epoch": loader.epoch_of(loader.consumed_rows),
-                        **throughput.report(),
-                        "peak_memory_gib": peak_memory_gib(device),
-                        "skipped_steps": state.skipped_steps,
                     },
                 )
             if (cfg.train.eval_every and state.step % cfg.train.eval_every == 0) or done:

@@ -1,0 +1,60 @@
+"""Epoch bookkeeping the fine-tuning loaders share: a position in epochs laid end to end,
+and held-out batches that keep every data-parallel rank's batch count equal.
+
+A loader's state is one integer (the items consumed), so a checkpoint resumes exactly at any
+data-parallel size; the items of epoch e come from `epoch_items(e)`, a deterministic function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def items_at(epoch_items: Callable[[int], Sequence[T]], start: int, count: int) -> list[T]:
+    """Items [start, start + count) of the epochs laid end to end (an epoch's leftover items
+    open the next one)."""
+    items: list[T] = []
+    epoch, offset = 0, start
+    while len(items) < count:
+        current = epoch_items(epoch)
+        if not current:
+            raise ValueError(f"epoch {epoch} has no items")
+        if offset >= len(current):
+            offset -= len(current)
+            epoch += 1
+            continue
+        take = current[offset : offset + count - len(items)]
+        items += take
+        offset += len(take)
+    return items
+
+
+def epochs_done(epoch_items: Callable[[int], Sequence], consumed: int) -> float:
+    """Epochs completed after `consumed` items (fractional)."""
+    epoch = 0
+    while consumed >= (n := len(epoch_items(epoch))):
+        consumed -= n
+        epoch += 1
+    return epoch + consumed / n
+
+
+def rank_chunks(
+    items: Sequence[T], *, micro_batch: int, dp_rank: int, dp_size: int
+) -> Iterator[tuple[list[T], list[bool]]]:
+    """This rank's share of `items` in chunks of `micro_batch`, with which entries are real.
+
+    Every rank yields the same number of chunks (forwards are collective under FSDP); entries
+    past the end repeat item 0 and are marked False, so they run but do not count.
+    """
+    per_batch = micro_batch * dp_size
+    for b in range(-(-len(items) // per_batch)):
+        start = (b * dp_size + dp_rank) * micro_batch
+        real = [p < len(items) for p in range(start, start + micro_batch)]
+        chunk = [
+            items[p] if ok else items[0]
+            for p, ok in zip(range(start, start + micro_batch), real, strict=True)
+        ]
+        yield chunk, real
