@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
@@ -31,6 +32,34 @@ PEAK_LR = {
     "34b": 1.5e-4,
     "70b": 1.5e-4,
 }
+
+
+ATTENTION_CHOICES = ("auto", "sdpa", "flex")
+
+
+def run_device_type(device: str) -> str:
+    """The device type a run with `train.device` gets ("auto": cuda when one is visible)."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_attention(
+    choice: str, *, device_type: str, document_mask: bool, key: str = "attention"
+) -> str:
+    """The attention backend for `llama_dist.models.llama.set_attention_backend` when training
+    on `device_type` ("cpu", "cuda"), with `document_mask` if the batches carry document ids:
+    `choice` itself, or for "auto" flex on CUDA with document masks and sdpa elsewhere."""
+    if choice not in ATTENTION_CHOICES:
+        raise ValueError(f"{key}={choice!r} must be auto, sdpa or flex")
+    if choice == "flex" and device_type == "cpu":
+        raise ValueError(
+            f"{key}=flex cannot train on CPU: FlexAttention has no backward on CPU in "
+            f"torch 2.13; use {key}=sdpa (the dense mask) or auto"
+        )
+    if choice == "auto":
+        return "flex" if device_type == "cuda" and document_mask else "sdpa"
+    return choice
 
 
 @dataclass
@@ -56,22 +85,16 @@ class ModelConfig:
     attention: str = "auto"  # auto | sdpa | flex
 
     def resolve_attention(self, *, device_type: str, document_mask: bool) -> str:
-        """The attention backend for `llama_dist.models.llama.set_attention_backend` when
-        training on `device_type` ("cpu", "cuda"), with `document_mask` if the batches carry
-        document ids."""
-        if self.attention not in ("auto", "sdpa", "flex"):
-            raise ValueError(f"model.attention={self.attention!r} must be auto, sdpa or flex")
-        if self.attention == "flex" and device_type == "cpu":
-            raise ValueError(
-                "model.attention=flex cannot train on CPU: FlexAttention has no "
-                "backward on CPU in torch 2.13; use model.attention=sdpa (the dense mask) or auto"
-            )
-        if self.attention == "auto":
-            return "flex" if device_type == "cuda" and document_mask else "sdpa"
-        return self.attention
+        """The attention backend of this run (see `resolve_attention`)."""
+        return resolve_attention(
+            self.attention,
+            device_type=device_type,
+            document_mask=document_mask,
+            key="model.attention",
+        )
 
     def build(self) -> LlamaConfig:
-        if self.attention not in ("auto", "sdpa", "flex"):
+        if self.attention not in ATTENTION_CHOICES:
             raise ValueError(f"model.attention={self.attention!r} must be auto, sdpa or flex")
         overrides: dict[str, Any] = {
             f.name: getattr(self, f.name)
@@ -198,6 +221,8 @@ class SFTJobConfig:
         )
     )
     epochs: float = 2.0  # passes over the training samples (train.steps, if set, stops earlier)
+    # How packed samples are kept apart: auto (flex on CUDA, sdpa elsewhere) | sdpa | flex
+    attention: str = "auto"
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     sample: SampleConfig = field(default_factory=lambda: SampleConfig(prompts=_chat_prompts()))
     run_name: str = "sft"  # default run folder: runs/<run_name>

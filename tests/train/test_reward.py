@@ -278,6 +278,7 @@ def test_launch_reward_under_torchrun_with_resume_and_hf_export(files, tmp_path,
         env=env,
     )
     assert export.returncode == 0, export.stderr[-3000:]
+    assert "wrote HF LlamaForSequenceClassification folder" in export.stdout
     cfg, state_dict = load_model_checkpoint(last)
     model = Llama(cfg)
     model.load_state_dict(state_dict)

@@ -129,6 +129,7 @@ def test_bad_sft_configs_fail_before_any_work(files, tmp_path):
         "does not exist": [*base, f"data.paths=[{tmp_path / 'none.jsonl'}]"],
         "data.train_on": [*base, "data.train_on=first"],
         "fewer than one global batch": [*base, "train.global_batch_tokens=131072"],
+        "attention=flex cannot train on CPU": [*base, "attention=flex"],
     }
     for message, args in cases.items():
         with pytest.raises(ValueError, match=message):

@@ -1,4 +1,5 @@
-"""Convert between llama_dist checkpoints and Hugging Face `LlamaForCausalLM` folders.
+"""Convert between llama_dist checkpoints and Hugging Face `LlamaForCausalLM` folders (or
+`LlamaForSequenceClassification` ones, for reward models).
 
     python launch/convert.py --from-hf HF_DIR --out CKPT_DIR [--dtype bf16|fp16|fp32]
     python launch/convert.py --to-hf CKPT_DIR --out HF_DIR [--dtype bf16|fp16|fp32]
@@ -27,7 +28,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="Convert between llama_dist checkpoints and Hugging Face Llama folders.",
     )
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--from-hf", metavar="HF_DIR", help="HF LlamaForCausalLM folder to import")
+    source.add_argument(
+        "--from-hf",
+        metavar="HF_DIR",
+        help="HF LlamaForCausalLM (or ...ForSequenceClassification) folder to import",
+    )
     source.add_argument("--to-hf", metavar="CKPT_DIR", help="llama_dist checkpoint to export")
     parser.add_argument("--out", required=True, help="folder to create; must not hold anything")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="cast the weights to this dtype")
@@ -46,7 +51,8 @@ def convert(args: argparse.Namespace) -> str:
     else:
         cfg, state_dict = load_model_checkpoint(args.to_hf)
         out = save_hf_folder(state_dict, cfg, args.out, dtype=dtype)
-        kind = "HF LlamaForCausalLM folder"
+        arch = "LlamaForCausalLM" if cfg.is_lm_head else "LlamaForSequenceClassification"
+        kind = f"HF {arch} folder"
     return f"wrote {kind} {out} ({cfg.num_params():,} parameters)"
 
 

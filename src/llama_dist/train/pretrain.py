@@ -10,10 +10,11 @@ import torch
 import torch.distributed as dist
 
 from llama_dist.checkpoint import ModelState, check_checkpoint
-from llama_dist.config import JobConfig, SampleConfig, validate_job
+from llama_dist.config import JobConfig, SampleConfig, run_device_type, validate_job
 from llama_dist.data.indexed import PretrainData, TrainLoader, ValidLoader
 from llama_dist.generate import complete, load_for_generation
 from llama_dist.metrics.logger import plot_loss_curve
+from llama_dist.models.llama import set_attention_backend
 from llama_dist.parallel import build_mesh, dp_rank_and_size
 from llama_dist.tokenizer import Tokenizer
 from llama_dist.train.common import (
@@ -52,6 +53,9 @@ def pretrain(cfg: JobConfig, run_dir: Path) -> TrainState:
     """Run (or resume) pretraining into `run_dir`; every rank calls this."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     model_cfg = validate_job(cfg, world_size)  # before any process group or model exists
+    attention = cfg.model.resolve_attention(
+        device_type=run_device_type(cfg.train.device), document_mask=cfg.data.document_mask
+    )
     data = PretrainData(cfg.data, vocab_size=model_cfg.vocab_size)
     tokenizer = check_tokenizer(cfg.tokenizer, model_cfg.vocab_size)
     if cfg.checkpoint.init_from:
@@ -85,6 +89,7 @@ def pretrain(cfg: JobConfig, run_dir: Path) -> TrainState:
         total_steps=cfg.train.steps,
     )
     model, state, checkpoints = training.model, training.state, training.checkpoints
+    set_attention_backend(model, attention)
 
     latest = resume_latest(checkpoints, training.states, resume=cfg.checkpoint.resume)
     if latest is not None:

@@ -18,6 +18,8 @@ from llama_dist.checkpoint.init import load_initial_weights, source_config
 from llama_dist.config import (
     SampleConfig,
     SFTJobConfig,
+    resolve_attention,
+    run_device_type,
     validate_batch,
     validate_checkpoint,
     validate_optim,
@@ -28,6 +30,7 @@ from llama_dist.data.sft import SFTData, SFTLoader, valid_batches
 from llama_dist.generate import complete, load_for_generation
 from llama_dist.metrics.logger import plot_loss_curve
 from llama_dist.models.config import LlamaConfig
+from llama_dist.models.llama import set_attention_backend
 from llama_dist.parallel import build_mesh, dp_rank_and_size
 from llama_dist.tokenizer import Tokenizer
 from llama_dist.train.common import (
@@ -93,6 +96,9 @@ def sft(cfg: SFTJobConfig, run_dir: Path) -> TrainState:
     """Run (or resume) supervised fine-tuning into `run_dir`; every rank calls this."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     model_cfg = validate_sft(cfg, world_size)
+    attention = resolve_attention(
+        cfg.attention, device_type=run_device_type(cfg.train.device), document_mask=cfg.data.pack
+    )
     tokenizer = check_tokenizer(cfg.tokenizer, model_cfg.vocab_size)
     assert tokenizer is not None
     # Before any process group: every rank reads (or tokenises) the same data and fails alike.
@@ -133,6 +139,7 @@ def sft(cfg: SFTJobConfig, run_dir: Path) -> TrainState:
         total_steps=total_steps,
     )
     model, state, checkpoints = training.model, training.state, training.checkpoints
+    set_attention_backend(model, attention)
     latest = resume_latest(checkpoints, training.states, resume=cfg.checkpoint.resume)
     if latest is not None:
         log.info("resumed from %s at step %d", latest, state.step)
