@@ -50,8 +50,8 @@ chat-demo: $(STAMP)
 	    train.device=cpu run_name=chat-demo-sft $(SFT_ARGS)
 	$(VENV)/bin/torchrun --standalone --nproc_per_node 2 launch/reward.py \
 	    init_from=runs/chat-demo-sft/checkpoints tokenizer=$(DEMO)/tokenizer.model \
-	    data.paths=[$(CHAT_DATA)/dpo_en_demo.json] data.max_len=512 \
-	    data.valid_fraction=0.1 train.global_batch_pairs=16 train.micro_batch=4 \
+	    data.paths=[$(CHAT_DATA)/dpo_en_demo.json] data.max_len=768 optim.lr=1e-4 \
+	    data.valid_fraction=0.2 train.global_batch_pairs=16 train.micro_batch=4 \
 	    train.device=cpu run_name=chat-demo-rm $(RM_ARGS)
 	cat runs/chat-demo-rm/reward_eval.md
 	@echo "chat with the SFT model: $(PY) launch/chat.py --checkpoint runs/chat-demo-sft/checkpoints"
