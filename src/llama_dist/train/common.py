@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from llama_dist.checkpoint import CheckpointManager, ModelState, OptimizerState, step_checkpoints
-from llama_dist.config import CheckpointConfig, OptimConfig, TrainConfig
+from llama_dist.config import CheckpointConfig, LoopConfig, OptimConfig
 from llama_dist.lr_schedule import build_lr_scheduler
 from llama_dist.metrics.logger import MetricsLogger, peak_memory_gib
 from llama_dist.metrics.mfu import peak_flops
@@ -27,7 +27,7 @@ from llama_dist.models.config import LlamaConfig
 from llama_dist.models.flops import flops_per_token
 from llama_dist.parallel import ParallelConfig, build_adamw, build_llama, init_distributed
 from llama_dist.parallel.fsdp import resolve_dtype
-from llama_dist.train.step import Throughput, TrainState, clip_and_check
+from llama_dist.train.step import StopSignal, Throughput, TrainState, clip_and_check
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def build_training(
     mesh: Any,
     device: torch.device,
     optim: OptimConfig,
-    train: TrainConfig,
+    train: LoopConfig,
     checkpoint: CheckpointConfig,
     checkpoint_dir: Path,
     loader: Any,
@@ -141,7 +141,7 @@ def build_training(
 
 
 def metrics_logger(
-    run_dir: Path, cfg: Any, *, train: TrainConfig, total_steps: int, start_step: int
+    run_dir: Path, cfg: Any, *, train: LoopConfig, total_steps: int, start_step: int
 ) -> MetricsLogger:
     """The run's metrics (console, metrics.jsonl, wandb), written by rank 0."""
     return MetricsLogger(
@@ -159,7 +159,7 @@ def throughput_meter(
     model_cfg: LlamaConfig,
     *,
     seq_len: int,
-    train: TrainConfig,
+    train: LoopConfig,
     parallel: ParallelConfig,
     device: torch.device,
 ) -> Throughput:
@@ -191,6 +191,56 @@ def step_metrics(
         "peak_memory_gib": peak_memory_gib(device),
         "skipped_steps": training.state.skipped_steps,
     }
+
+
+def finish_step(
+    training: Training,
+    loss: torch.Tensor,
+    *,
+    tokens: int,
+    throughput: Throughput,
+    metrics: MetricsLogger,
+) -> float:
+    """After a step's `forward_backward`: the guarded optimizer step and the counters (step,
+    tokens seen, skipped steps, throughput, progress bar); returns the gradient norm."""
+    state = training.state
+    state.step += 1
+    state.tokens_seen += tokens
+    grad_norm, applied = training.step(loss, step=state.step)
+    state.skipped_steps += not applied
+    throughput.add(tokens)
+    metrics.advance(state.step)
+    return grad_norm
+
+
+def end_of_step(
+    training: Training,
+    *,
+    total_steps: int,
+    train: LoopConfig,
+    checkpoint: CheckpointConfig,
+    validate: Callable[[int], None],
+    stop: StopSignal,
+    throughput: Throughput,
+    device: torch.device,
+) -> tuple[Path | None, bool]:
+    """Evaluate and checkpoint where due (every `train.eval_every` / `checkpoint.every` steps,
+    at the end, and on a stop request), off the throughput clock. Returns (the checkpoint
+    folder saved, if any; whether the loop stops here)."""
+    step = training.state.step
+    done = step == total_steps
+    saved = None
+    throughput.pause()
+    if (train.eval_every and step % train.eval_every == 0) or done:
+        validate(step)
+    # Collective: ranks agree even if the signal reached them at different steps.
+    stopping = stop.should_stop(device) or step == train.stop_after
+    if step % checkpoint.every == 0 or done or stopping:
+        saved = training.checkpoints.save(step, training.states)
+    throughput.resume()
+    if stopping and not done:
+        log.warning("stopping after step %d on request (checkpoint saved)", step)
+    return saved, stopping
 
 
 def resume_latest(

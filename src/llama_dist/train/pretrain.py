@@ -19,6 +19,8 @@ from llama_dist.parallel import build_mesh, dp_rank_and_size
 from llama_dist.tokenizer import Tokenizer
 from llama_dist.train.common import (
     build_training,
+    end_of_step,
+    finish_step,
     metrics_logger,
     open_run,
     refuse_fresh_start_over_checkpoints,
@@ -130,33 +132,27 @@ def pretrain(cfg: JobConfig, run_dir: Path) -> TrainState:
         while state.step < cfg.train.steps:
             micro_batches = next(batches)
             loss = forward_backward(model, micro_batches, parallel=cfg.parallel, device=device).loss
-            state.step += 1
-            state.tokens_seen += tokens_per_step
-            grad_norm, applied = training.step(loss, step=state.step)
-            state.skipped_steps += not applied
-            throughput.add(tokens_per_step)
-            metrics.advance(state.step)
-
+            grad_norm = finish_step(
+                training, loss, tokens=tokens_per_step, throughput=throughput, metrics=metrics
+            )
             if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
-                record = step_metrics(loss, grad_norm, training, throughput, device)
-                metrics.log(state.step, record)
-            done = state.step == cfg.train.steps
-            if (cfg.train.eval_every and state.step % cfg.train.eval_every == 0) or done:
-                throughput.pause()  # evaluation and checkpoints are not training throughput
-                validate(state.step)
-                throughput.resume()
-
-            stopping = stop.should_stop(device) or state.step == cfg.train.stop_after
-            if state.step % cfg.checkpoint.every == 0 or done or stopping:
-                throughput.pause()
-                last_saved = checkpoints.save(state.step, training.states)
-                throughput.resume()
+                metrics.log(state.step, step_metrics(loss, grad_norm, training, throughput, device))
+            saved, stopping = end_of_step(
+                training,
+                total_steps=cfg.train.steps,
+                train=cfg.train,
+                checkpoint=cfg.checkpoint,
+                validate=validate,
+                stop=stop,
+                throughput=throughput,
+                device=device,
+            )
+            last_saved = saved or last_saved
             if fault_step and first_attempt and state.step == fault_step:
                 checkpoints.wait()  # collective: every rank, before one of them dies
                 if rank == int(os.environ.get(FAULT_RANK_ENV, "0")):
                     os.kill(os.getpid(), 9)
             if stopping:
-                log.warning("stopping after step %d on request (checkpoint saved)", state.step)
                 break
     finally:
         checkpoints.close()

@@ -42,6 +42,8 @@ from llama_dist.rlhf.reward_metrics import (
 )
 from llama_dist.train.common import (
     build_training,
+    end_of_step,
+    finish_step,
     metrics_logger,
     open_run,
     refuse_fresh_start_over_checkpoints,
@@ -383,27 +385,23 @@ def train_reward_model(cfg: RewardJobConfig, run_dir: Path) -> TrainState:
             out = forward_backward(
                 model, micro_batches, parallel=cfg.parallel, device=device, objective=objective
             )
-            state.step += 1
-            state.tokens_seen += tokens
-            grad_norm, applied = training.step(out.loss, step=state.step)
-            state.skipped_steps += not applied
-            throughput.add(tokens)
-            metrics.advance(state.step)
-            done = state.step == total_steps
-            if state.step % cfg.train.log_every == 0 or done:
+            grad_norm = finish_step(
+                training, out.loss, tokens=tokens, throughput=throughput, metrics=metrics
+            )
+            if state.step % cfg.train.log_every == 0 or state.step == total_steps:
                 record = step_metrics(out.loss, grad_norm, training, throughput, device)
                 metrics.log(state.step, {**record, "epoch": loader.epoch()})
-            if (cfg.train.eval_every and state.step % cfg.train.eval_every == 0) or done:
-                throughput.pause()
-                validate(state.step)
-                throughput.resume()
-            stopping = stop.should_stop(device) or state.step == cfg.train.stop_after
-            if state.step % cfg.checkpoint.every == 0 or done or stopping:
-                throughput.pause()
-                checkpoints.save(state.step, training.states)
-                throughput.resume()
+            _, stopping = end_of_step(
+                training,
+                total_steps=total_steps,
+                train=cfg.train,
+                checkpoint=cfg.checkpoint,
+                validate=validate,
+                stop=stop,
+                throughput=throughput,
+                device=device,
+            )
             if stopping:
-                log.warning("stopping after step %d on request (checkpoint saved)", state.step)
                 break
     finally:
         checkpoints.close()

@@ -35,6 +35,8 @@ from llama_dist.parallel import build_mesh, dp_rank_and_size
 from llama_dist.tokenizer import Tokenizer
 from llama_dist.train.common import (
     build_training,
+    end_of_step,
+    finish_step,
     metrics_logger,
     open_run,
     refuse_fresh_start_over_checkpoints,
@@ -172,14 +174,10 @@ def sft(cfg: SFTJobConfig, run_dir: Path) -> TrainState:
             validate(0)
         while state.step < total_steps:
             out = forward_backward(model, next(loader), parallel=cfg.parallel, device=device)
-            state.step += 1
-            state.tokens_seen += tokens_per_step
-            grad_norm, applied = training.step(out.loss, step=state.step)
-            state.skipped_steps += not applied
-            throughput.add(tokens_per_step)
-            metrics.advance(state.step)
-            done = state.step == total_steps
-            if state.step % cfg.train.log_every == 0 or done:
+            grad_norm = finish_step(
+                training, out.loss, tokens=tokens_per_step, throughput=throughput, metrics=metrics
+            )
+            if state.step % cfg.train.log_every == 0 or state.step == total_steps:
                 record = step_metrics(out.loss, grad_norm, training, throughput, device)
                 metrics.log(
                     state.step,
@@ -189,17 +187,18 @@ def sft(cfg: SFTJobConfig, run_dir: Path) -> TrainState:
                         "epoch": loader.epoch_of(loader.consumed_rows),
                     },
                 )
-            if (cfg.train.eval_every and state.step % cfg.train.eval_every == 0) or done:
-                throughput.pause()
-                validate(state.step)
-                throughput.resume()
-            stopping = stop.should_stop(device) or state.step == cfg.train.stop_after
-            if state.step % cfg.checkpoint.every == 0 or done or stopping:
-                throughput.pause()
-                last_saved = checkpoints.save(state.step, training.states)
-                throughput.resume()
+            saved, stopping = end_of_step(
+                training,
+                total_steps=total_steps,
+                train=cfg.train,
+                checkpoint=cfg.checkpoint,
+                validate=validate,
+                stop=stop,
+                throughput=throughput,
+                device=device,
+            )
+            last_saved = saved or last_saved
             if stopping:
-                log.warning("stopping after step %d on request (checkpoint saved)", state.step)
                 break
     finally:
         checkpoints.close()
