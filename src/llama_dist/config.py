@@ -269,11 +269,100 @@ class RewardJobConfig:
     run_name: str = "reward"  # default run folder: runs/<run_name>
 
 
+@dataclass
+class ScorerConfig:
+    """What ranks the samples (rlhf/scoring.py): rewards in (0, 1)."""
+
+    kind: str = "reward_model"  # reward_model | safety_gated | word_share
+    reward_model: str | None = None  # kind=reward_model: a reward-model checkpoint
+    helpfulness_rm: str | None = None  # kind=safety_gated: both reward models
+    safety_rm: str | None = None
+    threshold: float = 0.15  # safety_gated: the Safety RM decides below this (llama2.md)
+    words: list[str] = field(default_factory=list)  # kind=word_share: the target words
+    micro_batch: int = 8  # sequences per scoring forward per rank
+    max_len: int = 4096  # longer prompt + response keep bos and their end
+
+    def validate(self) -> ScorerConfig:
+        kinds = ("reward_model", "safety_gated", "word_share")
+        if self.kind not in kinds:
+            raise ValueError(f"scorer.kind={self.kind!r} must be one of {kinds}")
+        needed = {
+            "reward_model": ["reward_model"],
+            "safety_gated": ["helpfulness_rm", "safety_rm"],
+            "word_share": [],
+        }[self.kind]
+        for name in needed:
+            if not getattr(self, name):
+                raise ValueError(f"scorer.kind={self.kind} needs scorer.{name} (a checkpoint)")
+        if self.kind == "word_share" and not self.words:
+            raise ValueError("scorer.kind=word_share needs scorer.words=[...]")
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"scorer.threshold={self.threshold} must be in (0, 1)")
+        if self.micro_batch < 1 or self.max_len < 2:
+            raise ValueError("scorer.micro_batch must be >= 1 and scorer.max_len >= 2")
+        return self
+
+
+@dataclass
+class RSSamplingConfig:
+    """How rejection sampling draws its candidates."""
+
+    num_samples: int = 10  # K responses per prompt and temperature
+    temperatures: list[float] = field(default_factory=lambda: [1.0])  # one curve each
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 256
+    prompts_per_batch: int = 4  # prompts per rank per generation call (K rows each)
+    seed: int = 0
+
+    def validate(self) -> RSSamplingConfig:
+        if self.num_samples < 1 or self.prompts_per_batch < 1 or self.max_new_tokens < 1:
+            raise ValueError(
+                "sampling.num_samples, sampling.prompts_per_batch and sampling.max_new_tokens "
+                "must be >= 1"
+            )
+        if not self.temperatures or any(t <= 0 for t in self.temperatures):
+            raise ValueError(
+                f"sampling.temperatures={self.temperatures} must be a non-empty list of "
+                "positive temperatures (rejection sampling needs different samples)"
+            )
+        if not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError("sampling.top_p must be in (0, 1] and sampling.top_k >= 0")
+        return self
+
+
+def _rs_sft() -> SFTJobConfig:
+    # One pass over the kept set, as a fine-tuning round (llama2.md: the SFT recipe).
+    return SFTJobConfig(epochs=1.0, run_name="sft")
+
+
+@dataclass
+class RejectionSamplingJobConfig:
+    """One iteration of rejection-sampling fine-tuning (llama2.md): sample K responses per
+    prompt from `policy`, keep the best under `scorer` among them and the kept samples of
+    earlier iterations, fine-tune `policy` on the kept set."""
+
+    policy: str | None = None  # the checkpoint to sample from (and to fine-tune)
+    tokenizer: str | None = None
+    prompts: list[str] = field(default_factory=list)  # JSON / JSONL prompt files
+    skip_invalid: bool = False
+    iteration: int = 1  # pools with the kept sets of iterations 1..iteration-1 of this run
+    pool: list[str] = field(default_factory=list)  # more kept.jsonl files to pool with
+    sampling: RSSamplingConfig = field(default_factory=RSSamplingConfig)
+    scorer: ScorerConfig = field(default_factory=ScorerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    device: str = "auto"  # auto | cpu | cuda
+    finetune: bool = True  # fine-tune on the kept set (the sft section; its layout is ours)
+    sft: SFTJobConfig = field(default_factory=_rs_sft)
+    run_name: str = "rejection-sampling"
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="job_schema", node=JobConfig)
     cs.store(name="sft_schema", node=SFTJobConfig)
     cs.store(name="reward_schema", node=RewardJobConfig)
+    cs.store(name="rejection_sampling_schema", node=RejectionSamplingJobConfig)
 
 
 def to_job_config(cfg: Any) -> JobConfig:
@@ -385,11 +474,14 @@ __all__ = [
     "ModelConfig",
     "LoopConfig",
     "OptimConfig",
+    "RSSamplingConfig",
+    "RejectionSamplingJobConfig",
     "RewardJobConfig",
     "RewardLossConfig",
     "RewardTrainConfig",
     "SFTJobConfig",
     "SampleConfig",
+    "ScorerConfig",
     "TrainConfig",
     "register_configs",
     "to_job_config",

@@ -113,7 +113,7 @@ def _response(record: Mapping[str, Any], key: str) -> str:
     return value
 
 
-def _prompt_dialog(record: Mapping[str, Any]) -> list[dict[str, str]]:
+def prompt_dialog(record: Mapping[str, Any]) -> list[dict[str, str]]:
     system = record.get("system")
     if system is not None and not isinstance(system, str):
         raise ValueError(f"'system' must be a string, got {type(system).__name__}")
@@ -171,7 +171,7 @@ def parse_record(record: Any) -> _Record:
     """A record of either layout, checked; ValueError saying what is wrong."""
     if not isinstance(record, Mapping):
         raise ValueError(f"a record must be a JSON object, got {type(record).__name__}")
-    prompt = _prompt_dialog(record)
+    prompt = prompt_dialog(record)
     chosen, rejected = _response(record, "chosen"), _response(record, "rejected")
     if chosen.strip() == rejected.strip():
         raise ValueError("'chosen' and 'rejected' are the same response; a pair must differ")
