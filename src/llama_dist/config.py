@@ -357,12 +357,84 @@ class RejectionSamplingJobConfig:
     run_name: str = "rejection-sampling"
 
 
+@dataclass
+class PPOConfig:
+    """The PPO step (llama2.md, "PPO"): 512 prompts per iteration, minibatches of 64, one
+    optimizer step per minibatch, clip 0.2."""
+
+    batch_prompts: int = 512  # prompts (one response each) per iteration, over all ranks
+    minibatch_prompts: int = 64  # one optimizer step of policy and value each
+    epochs: int = 1  # passes over the iteration's rollouts
+    clip: float = 0.2
+    value_clip: float | None = 0.2
+    gamma: float = 1.0
+    lam: float = 0.95
+    beta: float | None = None  # KL coefficient; null: 0.01 (7B/13B) or 0.005 (34B/70B)
+    max_new_tokens: int = 256
+    temperature: float = 1.0  # sampling the rollouts (0: greedy, for checks)
+    top_p: float = 1.0
+    value_lr: float | None = None  # null: optim.lr
+
+    def validate(self) -> PPOConfig:
+        if self.batch_prompts < 1 or self.minibatch_prompts < 1 or self.epochs < 1:
+            raise ValueError("ppo.batch_prompts, ppo.minibatch_prompts and ppo.epochs must be >= 1")
+        if self.batch_prompts % self.minibatch_prompts:
+            raise ValueError(
+                f"ppo.batch_prompts={self.batch_prompts} is not a multiple of "
+                f"ppo.minibatch_prompts={self.minibatch_prompts}"
+            )
+        if not 0 < self.clip < 1 or (self.value_clip is not None and self.value_clip <= 0):
+            raise ValueError("ppo.clip must be in (0, 1) and ppo.value_clip > 0 or null")
+        if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
+            raise ValueError("ppo.gamma and ppo.lam must be in [0, 1]")
+        if self.beta is not None and self.beta < 0:
+            raise ValueError(f"ppo.beta={self.beta} must be >= 0 or null")
+        if self.max_new_tokens < 1 or self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(
+                "ppo.max_new_tokens must be >= 1, ppo.temperature >= 0, ppo.top_p in (0, 1]"
+            )
+        return self
+
+
+@dataclass
+class PPOJobConfig:
+    """PPO against the reward models (llama2.md, "PPO"): the policy from an SFT or
+    rejection-sampling checkpoint, a frozen reference copy, a value model from a reward
+    model, the scorer's reward models frozen."""
+
+    policy: str | None = None
+    tokenizer: str | None = None
+    prompts: list[str] = field(default_factory=list)
+    skip_invalid: bool = False
+    valid_fraction: float = 0.05  # held-out prompts for early stopping
+    value_from: str | None = None  # a reward-model checkpoint; null: the scorer's (helpful) RM
+    scorer: ScorerConfig = field(default_factory=ScorerConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    iterations: int = 200  # llama2.md: 200-400
+    # AdamW (0.9, 0.95, eps 1e-5), weight decay 0.1, clip 1.0, constant lr 1e-6 (llama2.md)
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(lr=1e-6, warmup_steps=0, min_lr_ratio=1.0)
+    )
+    micro_batch: int = 4  # sequences per forward per rank
+    eval_every: int = 10  # held-out reward every N iterations (0: never)
+    patience: int = 3  # stop after this many evaluations without a better held-out reward
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every=10))
+    device: str = "auto"
+    seed: int = 0
+    wandb: bool = True
+    wandb_project: str = "llama_dist"
+    stop_after: int | None = None  # stop (with a checkpoint) after this iteration, for tests
+    run_name: str = "ppo"
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="job_schema", node=JobConfig)
     cs.store(name="sft_schema", node=SFTJobConfig)
     cs.store(name="reward_schema", node=RewardJobConfig)
     cs.store(name="rejection_sampling_schema", node=RejectionSamplingJobConfig)
+    cs.store(name="ppo_schema", node=PPOJobConfig)
 
 
 def to_job_config(cfg: Any) -> JobConfig:

@@ -55,6 +55,12 @@ def test_token_rewards_by_hand():
     torch.testing.assert_close(kl, torch.tensor([[0.5, -1.0, 0.0], [1.0, 0.0, 0.0]]))
     expected = torch.tensor([[-0.05, 0.1, 1.0], [-0.1, -2.0, 0.0]])
     torch.testing.assert_close(rewards, expected, rtol=0, atol=1e-6)
+    # A response that begins after its prompt: the score lands on its last token.
+    late = torch.tensor([[0, 1, 1, 0]]).bool()
+    rewards, _ = token_rewards(
+        torch.tensor([3.0]), torch.zeros(1, 4), torch.zeros(1, 4), late, beta=0.1
+    )
+    torch.testing.assert_close(rewards, torch.tensor([[0.0, 0.0, 3.0, 0.0]]))
 
 
 def test_gae_by_hand():

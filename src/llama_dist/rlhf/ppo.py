@@ -76,14 +76,16 @@ def token_rewards(
     """Per-token rewards R(g | p) = R~c(g | p) - beta * KL, and the per-token KL.
 
     score: (n,) R~c, the whitened logit of the chosen reward, placed on each response's last
-    real token; KL per token is the sampled-token estimate log pi(g_t) - log pi_0(g_t), so the
-    penalty summed over a response is beta times its KL to the reference.
+    real token (the last True of its mask row, which may begin after a prompt). The KL per
+    token is the sampled-token estimate log pi(g_t) - log pi_0(g_t), so the penalty summed
+    over a response is beta times its KL to the reference.
     """
     kl = (logprobs - ref_logprobs) * mask
     rewards = -beta * kl
-    last = mask.long().sum(1) - 1
-    if bool((last < 0).any()):
+    if not bool(mask.any(1).all()):
         raise ValueError("every response needs at least one token")
+    # The last True position of each row (responses may start after a prompt).
+    last = mask.shape[1] - 1 - mask.flip(1).to(torch.int8).argmax(1)
     rewards = rewards.clone()
     rewards[torch.arange(len(score)), last] += score.to(rewards.dtype)
     return rewards, kl
