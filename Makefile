@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint pretrain chat-demo
+.PHONY: install test lint pretrain chat-demo rlhf-demo
 
 # Re-runs only when the pins or the package metadata change. torch comes first so nothing
 # that depends on it pulls a CUDA build.
@@ -55,3 +55,28 @@ chat-demo: $(STAMP)
 	    train.device=cpu run_name=chat-demo-rm $(RM_ARGS)
 	cat runs/chat-demo-rm/reward_eval.md
 	@echo "chat with the SFT model: $(PY) launch/chat.py --checkpoint runs/chat-demo-sft/checkpoints"
+
+# The RLHF stages on the chat demo's models (`make chat-demo` runs first if its reward model is
+# missing): one iteration of rejection sampling on 32 prompts of the preference data, scored by
+# the demo reward model and fine-tuned on the kept set, then 4 PPO iterations from that policy
+# with the reward model as scorer and value model. Extra overrides: RS_ARGS, PPO_ARGS.
+DEMO_RM := runs/chat-demo-rm/checkpoints
+rlhf-demo: $(STAMP)
+	@ls -d $(DEMO_RM)/step-* >/dev/null 2>&1 || $(MAKE) chat-demo
+	$(PY) launch/prepare_chat_demo.py --out $(CHAT_DATA) --prompts 32
+	$(VENV)/bin/torchrun --standalone --nproc_per_node 2 launch/rejection_sampling.py \
+	    policy=runs/chat-demo-sft/checkpoints tokenizer=$(DEMO)/tokenizer.model \
+	    prompts=[$(CHAT_DATA)/prompts.jsonl] scorer.reward_model=$(DEMO_RM) scorer.max_len=768 \
+	    sampling.num_samples=4 sampling.temperatures=[0.8,1.2] sampling.max_new_tokens=32 \
+	    sampling.prompts_per_batch=8 sft.data.seq_len=512 sft.train.global_batch_tokens=2048 \
+	    sft.train.micro_batch=2 sft.optim.lr=1e-4 sft.train.wandb=false \
+	    sft.sample.max_new_tokens=16 device=cpu run_name=rlhf-demo-rs $(RS_ARGS)
+	cat runs/rlhf-demo-rs/iter-1/report.md
+	$(VENV)/bin/torchrun --standalone --nproc_per_node 2 launch/ppo.py \
+	    policy=runs/rlhf-demo-rs/iter-1/sft/checkpoints tokenizer=$(DEMO)/tokenizer.model \
+	    prompts=[$(CHAT_DATA)/prompts.jsonl] scorer.reward_model=$(DEMO_RM) scorer.max_len=768 \
+	    value_from=$(DEMO_RM) iterations=4 ppo.batch_prompts=16 ppo.minibatch_prompts=8 \
+	    ppo.max_new_tokens=32 optim.lr=1e-5 micro_batch=4 eval_every=2 valid_fraction=0.25 \
+	    device=cpu wandb=false run_name=rlhf-demo-ppo $(PPO_ARGS)
+	@echo "rejection sampling: runs/rlhf-demo-rs/iter-1 (report.md, best_of_k.png, kept.jsonl, sft/)"
+	@echo "PPO: runs/rlhf-demo-ppo (metrics.jsonl, checkpoints/)"
