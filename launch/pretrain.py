@@ -10,7 +10,7 @@ Hydra overrides on the command line; the resolved config is saved into the run f
 import hydra
 from omegaconf import DictConfig
 
-from llama_dist.config import register_configs, to_job_config
+from llama_dist.config import register_configs
 from llama_dist.train.common import run_entry_point
 from llama_dist.train.pretrain import pretrain
 
@@ -19,7 +19,8 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="pretrain")
 def main(cfg: DictConfig) -> None:
-    run_entry_point("pretrain", pretrain, to_job_config(cfg))
+    # The composed config: its keys are checked against the schema (a stray +key fails).
+    run_entry_point("pretrain", pretrain, cfg)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ At the end it prints the held-out accuracy table and writes it to <run>/reward_e
 """
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from llama_dist.config import register_configs
 from llama_dist.train.common import run_entry_point
@@ -20,7 +20,8 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="reward")
 def main(cfg: DictConfig) -> None:
-    run_entry_point("reward", train_reward_model, OmegaConf.to_object(cfg))
+    # The composed config: its keys are checked against the schema (a stray +key fails).
+    run_entry_point("reward", train_reward_model, cfg)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 from hydra.core.config_store import ConfigStore
-from omegaconf import OmegaConf
 
+from llama_dist.config_keys import to_typed_config
 from llama_dist.data.config import DataConfig
 from llama_dist.data.reward_data import RewardDataConfig
 from llama_dist.data.sft import SFTDataConfig
@@ -151,6 +151,10 @@ class LoopConfig:
     wandb: bool = True  # log to wandb (offline unless logged in)
     wandb_project: str = "llama_dist"
     stop_after: int | None = None  # stop (with a checkpoint) after this step, e.g. for tests
+    # A collective (all-reduce, barrier, ...) that waits longer fails the run, naming the ranks
+    # that stopped answering where the backend can tell (gloo). Long enough for the slowest
+    # step, evaluation or checkpoint save.
+    collective_timeout_s: float = 600.0
     # derived in validation:
     grad_accum: int = 0
     global_batch: int = 0  # sequences (pairs) per optimizer step
@@ -438,8 +442,9 @@ def register_configs() -> None:
 
 
 def to_job_config(cfg: Any) -> JobConfig:
-    """An OmegaConf config (from Hydra) as typed dataclasses."""
-    return OmegaConf.to_object(cfg) if not isinstance(cfg, JobConfig) else cfg
+    """An OmegaConf config (from Hydra) as typed dataclasses; ValueError for a key the schema
+    does not have (`config_keys.check_known_keys`)."""
+    return to_typed_config(cfg)
 
 
 def validate_job(cfg: JobConfig, world_size: int) -> LlamaConfig:
@@ -503,6 +508,10 @@ def validate_loop(t: LoopConfig, *, global_batch: int, dp: int, what: str, fix: 
         raise ValueError(f"train.device={t.device!r} must be auto, cpu or cuda")
     if t.max_nonfinite_steps < 1:
         raise ValueError("train.max_nonfinite_steps must be >= 1")
+    if not t.collective_timeout_s > 0:
+        raise ValueError(
+            f"train.collective_timeout_s={t.collective_timeout_s} must be positive (seconds)"
+        )
 
 
 def validate_optim(o: OptimConfig, *, steps: int, default_lr: float) -> None:

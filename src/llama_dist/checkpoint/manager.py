@@ -14,6 +14,9 @@ On disk, in `folder`:
         model_config.json     the model's shape, checked before anything is loaded
     .step-00002000.tmp/       a save in progress, or one cut short: never loaded, and
                               removed by the next save
+    step-00003000.incomplete-<time>/
+                              a step folder found without .metadata (copied without hidden
+                              files, or cut short), set aside on resume and kept
 
 Entries: `model.<parameter name>` (plain names, so `load_model_checkpoint` and the converter
 read training checkpoints too), `optimizer.state.<parameter name>.<exp_avg|exp_avg_sq|step>`,
@@ -53,6 +56,8 @@ from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.checkpoint.storage import StorageWriter
 
 from llama_dist.checkpoint.model_io import (
+    _DCP_METADATA,
+    _STEP_DIR,
     MODEL_CONFIG_FILE,
     _single_process,
     find_checkpoint,
@@ -381,6 +386,35 @@ class CheckpointManager:
             dist.barrier(group=self._group)
 
     # Finding and loading ------------------------------------------------------------------
+    def set_aside_incomplete(self) -> list[Path]:
+        """Rank 0: rename every `step-N` folder without DCP's .metadata (what `cp -r
+        step-N/* dest/` leaves, since it skips hidden files, or a copy cut short) to
+        `step-N.incomplete-<time>`, saying so; returns the new names. Such a folder is never
+        loaded, and left in place it would make the save of step N fail. Nothing is
+        deleted: it may hold the only copy of something."""
+        if not self.folder.is_dir():
+            return []
+        steps = step_checkpoints(self.folder)
+        complete = {path for _, path in steps}
+        newest = f"the newest complete one is {steps[-1][1].name}" if steps else "none is complete"
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        moved = []
+        for child in sorted(self.folder.iterdir()):
+            if child in complete or not child.is_dir() or not _STEP_DIR.fullmatch(child.name):
+                continue
+            target = child.with_name(f"{child.name}.incomplete-{stamp}")
+            child.rename(target)
+            logger.warning(
+                "%s is not a complete checkpoint (it has no %s, which DCP writes last: a copy "
+                "that skipped hidden files, or one cut short); set aside as %s, not deleted; %s",
+                child,
+                _DCP_METADATA,
+                target.name,
+                newest,
+            )
+            moved.append(target)
+        return moved
+
     def latest(self) -> Path | None:
         """The complete checkpoint with the highest step, or None."""
         if not self.folder.is_dir():

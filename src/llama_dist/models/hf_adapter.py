@@ -510,6 +510,13 @@ def _plan_shards(sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[lis
     return shards
 
 
+def _umask() -> int:
+    # The umask can only be read by setting it: set it straight back.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def prepare_output_folder(path: str | os.PathLike) -> tuple[Path, Path]:
     """(final path, temporary sibling to write into); ValueError if `path` holds anything.
 
@@ -577,6 +584,9 @@ def save_hf_folder(
                 weight_map[hf_key] = name
             # transformers 4 refuses safetensors files whose metadata does not name the framework.
             save_file(tensors, tmp / name, metadata={"format": "pt"})
+            # safetensors writes through a private temporary file (mode 0600); give the file the
+            # mode any other file the user creates gets.
+            os.chmod(tmp / name, 0o666 & ~_umask())
             del tensors
         if len(shards) > 1:
             index = {"metadata": {"total_size": sum(n for _, n in sizes)}, "weight_map": weight_map}

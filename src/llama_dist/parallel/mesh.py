@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -12,17 +14,36 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from llama_dist.parallel.config import ParallelConfig
 
 MESH_AXES = ("dp_replicate", "dp_shard", "tp")
+DEFAULT_COLLECTIVE_TIMEOUT_S = 600.0
+# The longest the check after a timed-out collective waits for the other ranks.
+_CHECK_TIMEOUT_S = 60.0
+
+
+@dataclass
+class _Watch:
+    """What `explain_collective_timeout` needs: the timeout the group was made with and, on
+    gloo, a group of its own for the check (the default one may hold half-done messages)."""
+
+    timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S
+    group: dist.ProcessGroup | None = None
+
+
+_watch = _Watch()
 
 
 def device_type() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def init_distributed(*, device: str = "auto", timeout_s: float = 600.0) -> torch.device:
+def init_distributed(
+    *, device: str = "auto", timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S
+) -> torch.device:
     """Join the process group torchrun describes; gloo on CPU, nccl on GPUs.
 
     device: "auto" (a GPU when there is one), "cpu" or "cuda". Returns this rank's device.
-    Idempotent; a single process without torchrun's environment becomes a world of one.
+    timeout_s: how long a collective may wait for the other ranks before it fails (see
+    `explain_collective_timeout`). Idempotent; a single process without torchrun's
+    environment becomes a world of one.
     """
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device={device!r} must be auto, cpu or cuda")
@@ -45,7 +66,71 @@ def init_distributed(*, device: str = "auto", timeout_s: float = 600.0) -> torch
             device_id=device if on_gpu else None,
             **_restart_safe_store(timeout),
         )
+        _watch.timeout_s = timeout_s
+        _watch.group = None
+        if not on_gpu and dist.get_world_size() > 1:
+            _watch.group = dist.new_group(backend="gloo", timeout=timeout)
     return device
+
+
+class CollectiveTimeout(RuntimeError):
+    """A collective waited longer than the process group's timeout."""
+
+
+def explain_collective_timeout(error: BaseException) -> CollectiveTimeout | None:
+    """If `error` is a collective that timed out, the error to raise instead: it names the
+    ranks that stopped answering, where torch can tell. Every rank that timed out calls this
+    (the check is collective); None for other errors.
+
+    On gloo (CPU) the timeout says only "Timed out waiting Nms for recv operation"; the ranks
+    then meet at `dist.monitored_barrier` on a group of their own, which rank 0 reports
+    rank by rank. On NCCL the watchdog ends the process before Python sees an error; its log
+    line "[Rank N] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=...)" names
+    the collective on every rank, and TORCH_NCCL_DUMP_ON_TIMEOUT=1 with
+    TORCH_NCCL_TRACE_BUFFER_SIZE=2000 writes traces that
+    `python -m torch.distributed.flight_recorder.fr_trace` turns into the ranks that missed it.
+    """
+    if not dist.is_initialized() or "timed out" not in str(error).lower():
+        return None
+    timeout_s = _watch.timeout_s
+    what = (
+        f"rank {dist.get_rank()}: a collective waited longer than the {timeout_s:g} s "
+        "timeout (train.collective_timeout_s)"
+    )
+    fix = (
+        "Raise train.collective_timeout_s if a step, evaluation or save legitimately takes "
+        "longer; otherwise look at what that rank was doing (stack: py-spy dump --pid PID)"
+    )
+    if _watch.group is None:
+        return CollectiveTimeout(f"{what}: {error}. {fix}")
+    check_s = min(timeout_s, _CHECK_TIMEOUT_S)
+    try:
+        dist.monitored_barrier(
+            group=_watch.group, timeout=datetime.timedelta(seconds=check_s), wait_all_ranks=True
+        )
+    except RuntimeError as check:
+        if dist.get_rank() == 0:
+            ranks = _failed_ranks(str(check))
+            if ranks is None:
+                who = f"the check of every rank that followed failed too ({check})"
+            else:
+                who = f"rank{'s' if ',' in ranks else ''} {ranks} stopped answering"
+        else:
+            who = (
+                "rank 0 did not answer the check that followed (it is stalled, or it is "
+                "waiting for another rank: rank 0's error names them)"
+            )
+        return CollectiveTimeout(f"{what}; {who} (no reply within {check_s:g} s). {fix}")
+    return CollectiveTimeout(
+        f"{what}; every rank answered the check that followed, so none is dead: one was "
+        f"slower than the timeout, or the ranks were in different collectives. {fix}"
+    )
+
+
+def _failed_ranks(message: str) -> str | None:
+    # gloo: "[Rank 0]: Ranks 1, 3 failed to pass monitoredBarrier in 2000 ms"
+    match = re.search(r"Ranks? ([\d, ]+) failed to pass", message)
+    return match.group(1).strip().rstrip(",") if match else None
 
 
 def _restart_safe_store(timeout: datetime.timedelta) -> dict:

@@ -26,7 +26,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, args: tuple):
+def _worker(
+    rank: int, world_size: int, port: int, out_dir: str, fn: Callable, args: tuple, init: bool
+):
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -39,7 +41,8 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, a
     torch.set_num_threads(1)
     result_path = Path(out_dir) / f"rank{rank}.pkl"
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        if init:
+            dist.init_process_group("gloo", rank=rank, world_size=world_size)
         result = fn(*args)
         payload = ("ok", result if rank == 0 else None)
     except BaseException:  # noqa: BLE001 - reported to the parent with its traceback
@@ -51,15 +54,17 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, a
         pickle.dump(payload, f)
 
 
-def run_distributed(fn: Callable, world_size: int, *args: Any) -> Any:
+def run_distributed(fn: Callable, world_size: int, *args: Any, init: bool = True) -> Any:
     """Run `fn(*args)` on `world_size` gloo ranks; return rank 0's result.
 
-    `fn` must be importable (a module-level function) since the workers are spawned.
+    `fn` must be importable (a module-level function) since the workers are spawned. With
+    init=False the process group is left to `fn` (torchrun's environment variables are set),
+    as an entry point joins it itself.
     """
     with tempfile.TemporaryDirectory() as out_dir:
         mp.start_processes(
             _worker,
-            args=(world_size, _free_port(), out_dir, fn, args),
+            args=(world_size, _free_port(), out_dir, fn, args, init),
             nprocs=world_size,
             join=True,
             start_method="spawn",

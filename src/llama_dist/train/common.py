@@ -7,6 +7,8 @@ Each loop calls these in its own readable order; none of them owns the loop.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +22,8 @@ from torch import nn
 
 from llama_dist.checkpoint import CheckpointManager, ModelState, OptimizerState, step_checkpoints
 from llama_dist.config import CheckpointConfig, LoopConfig, OptimConfig
+from llama_dist.config_keys import to_typed_config
+from llama_dist.exit_codes import EXIT_STOPPED, EXIT_USER_ERROR
 from llama_dist.lr_schedule import build_lr_scheduler
 from llama_dist.metrics.logger import MetricsLogger, peak_memory_gib
 from llama_dist.metrics.mfu import peak_flops
@@ -27,24 +31,62 @@ from llama_dist.models.config import LlamaConfig
 from llama_dist.models.flops import flops_per_token
 from llama_dist.parallel import ParallelConfig, build_adamw, build_llama, init_distributed
 from llama_dist.parallel.fsdp import resolve_dtype
+from llama_dist.parallel.mesh import DEFAULT_COLLECTIVE_TIMEOUT_S, explain_collective_timeout
+from llama_dist.train.run_lock import hold_run_folder, release_run_folders
 from llama_dist.train.step import StopSignal, Throughput, TrainState, clip_and_check
 
 log = logging.getLogger(__name__)
 
 
 def run_entry_point(name: str, loop: Callable[[Any, Path], Any], job: Any) -> None:
-    """Run a loop from a Hydra entry point into Hydra's run folder: a user's mistake
-    (ValueError) is one line on stderr and exit code 2; the process group is always closed."""
+    """Run a loop from a Hydra entry point into Hydra's run folder and exit with `run_job`'s
+    code. `job` is the composed config (its keys are checked against the schema) or the typed
+    job already."""
     from hydra.core.hydra_config import HydraConfig
 
+    code = run_job(name, loop, job, Path(HydraConfig.get().runtime.output_dir))
+    if code:
+        sys.exit(code)
+
+
+def run_job(name: str, loop: Callable[[Any, Path], Any], job: Any, run_dir: Path) -> int:
+    """Run `loop(job, run_dir)` on this rank; returns the exit code (`llama_dist.exit_codes`).
+
+    A key the schema lacks or another user's mistake (ValueError) is one line on stderr; a
+    collective that timed out is re-raised naming the ranks that stopped answering
+    (`explain_collective_timeout`); a run stopped early says how to resume. The run folder's
+    lock and the process group are always released.
+    """
     try:
-        loop(job, Path(HydraConfig.get().runtime.output_dir))
+        result = loop(to_typed_config(job), run_dir)
     except ValueError as e:
         print(f"{name}: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        return EXIT_USER_ERROR
+    except RuntimeError as e:
+        explained = explain_collective_timeout(e)
+        if explained is not None:
+            raise explained from e
+        raise
+    except KeyboardInterrupt:
+        # Ctrl-C outside the training steps (set-up, final samples): nothing to checkpoint.
+        print(f"{name}: interrupted outside the training steps", file=sys.stderr, flush=True)
+        return 128 + signal.SIGINT
     finally:
+        release_run_folders()
         if dist.is_initialized():
             dist.destroy_process_group()
+    stopped = getattr(result, "stopped", None)
+    if stopped is None:
+        return 0
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(
+            f"{name}: stopped at step {result.step} of {result.planned_steps} ({stopped}), "
+            f"with a checkpoint of that step in {run_dir}. To resume, run the same command "
+            f"again (checkpoint.resume=auto). Exit code {EXIT_STOPPED}.",
+            file=sys.stderr,
+            flush=True,
+        )
+    return EXIT_STOPPED
 
 
 def refuse_fresh_start_over_checkpoints(checkpoint_dir: Path, resume: str) -> None:
@@ -55,10 +97,32 @@ def refuse_fresh_start_over_checkpoints(checkpoint_dir: Path, resume: str) -> No
         )
 
 
-def open_run(run_dir: Path, cfg: Any, *, device: str) -> torch.device:
-    """Join the process group, create the run folder and save the resolved config in it
-    (rank 0); returns this rank's device."""
-    dev = init_distributed(device=device)
+def open_run(
+    run_dir: Path,
+    cfg: Any,
+    *,
+    device: str,
+    collective_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S,
+) -> torch.device:
+    """Join the process group, take the run folder's lock, create the folder and save the
+    resolved config in it (rank 0); returns this rank's device.
+
+    Rank 0 alone takes the lock (`run_lock`); if another live run holds the folder, every
+    rank raises the same ValueError, naming that run, before anything in the folder changes.
+    """
+    dev = init_distributed(device=device, timeout_s=collective_timeout_s)
+    refusal = [None]
+    if dist.get_rank() == 0:
+        try:
+            hold_run_folder(run_dir)
+        except ValueError as e:
+            refusal[0] = str(e)
+        except OSError as e:  # e.g. a read-only folder: every rank must hear of it
+            refusal[0] = f"cannot lock the run folder {run_dir}: {e}"
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(refusal, src=0)
+    if refusal[0] is not None:
+        raise ValueError(refusal[0])
     if dist.get_rank() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
@@ -234,12 +298,18 @@ def end_of_step(
     if (train.eval_every and step % train.eval_every == 0) or done:
         validate(step)
     # Collective: ranks agree even if the signal reached them at different steps.
-    stopping = stop.should_stop(device) or step == train.stop_after
+    signalled = stop.should_stop(device)
+    stopping = signalled or step == train.stop_after
     if step % checkpoint.every == 0 or done or stopping:
         saved = training.checkpoints.save(step, training.states)
     throughput.resume()
     if stopping and not done:
         log.warning("stopping after step %d on request (checkpoint saved)", step)
+        if signalled:
+            training.state.stopped = stop.reason or "a signal to another rank"
+        else:
+            training.state.stopped = f"train.stop_after={train.stop_after}"
+        training.state.planned_steps = total_steps
     return saved, stopping
 
 
@@ -247,7 +317,11 @@ def resume_latest(
     checkpoints: CheckpointManager, states: dict[str, Any], *, resume: str
 ) -> Path | None:
     """Load the newest complete checkpoint of this run into `states`, if `resume` is auto and
-    there is one; returns its folder."""
+    there is one; returns its folder. Step folders without DCP's .metadata (a copy without
+    hidden files, a copy cut short) are set aside first, whatever `resume` says, so that they
+    neither hide nor block a step (`CheckpointManager.set_aside_incomplete`)."""
+    if dist.get_rank() == 0:
+        checkpoints.set_aside_incomplete()
     latest = checkpoints.latest() if resume == "auto" else None
     # Rank 0 decides, so every rank loads the same folder even if their views of a shared
     # file system differ for a moment.

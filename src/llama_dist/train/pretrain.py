@@ -66,7 +66,12 @@ def pretrain(cfg: JobConfig, run_dir: Path) -> TrainState:
     checkpoint_dir = run_dir / cfg.checkpoint.folder
     refuse_fresh_start_over_checkpoints(checkpoint_dir, cfg.checkpoint.resume)
 
-    device = open_run(run_dir, cfg, device=cfg.train.device)
+    device = open_run(
+        run_dir,
+        cfg,
+        device=cfg.train.device,
+        collective_timeout_s=cfg.train.collective_timeout_s,
+    )
     rank = dist.get_rank()
 
     mesh = build_mesh(cfg.parallel, device=device.type)

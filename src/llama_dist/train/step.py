@@ -7,7 +7,11 @@ these rather than inheriting from a base trainer.
 from __future__ import annotations
 
 import math
+import os
 import signal
+import socket
+import sys
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -179,6 +183,10 @@ class TrainState:
     step: int = 0
     skipped_steps: int = 0  # steps whose loss or gradient norm was not finite
     tokens_seen: int = 0
+    # Not saved: why the loop stopped before its last step (None: it did not stop early) and
+    # the step it was to reach; `train.common.run_job` turns them into exit code 3.
+    stopped: str | None = None
+    planned_steps: int | None = None
 
     def state_dict(self) -> dict[str, int]:
         return {
@@ -194,16 +202,65 @@ class TrainState:
 
 
 class StopSignal:
-    """Remembers SIGTERM (sent by torchrun, Slurm or a scheduler before killing the job) so
-    the loop can checkpoint at the end of the step and exit cleanly. Ranks agree through
-    `should_stop`, since the signal may reach them at different steps."""
+    """Remembers SIGTERM (sent by torchrun, Slurm or a scheduler before killing the job),
+    SIGINT (Ctrl-C) and SIGUSR1 so the loop can checkpoint at the end of the step and exit
+    cleanly. Ranks agree through `should_stop`, since the signal may reach them at different
+    steps.
 
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1)) -> None:
+    After a SIGINT, a second SIGINT or a SIGTERM ends the process at once, without a
+    checkpoint (exit code 128 + the signal): a second Ctrl-C, which torchrun passes on to its
+    workers as SIGTERM. A watcher thread sees the signals through `signal.set_wakeup_fd`, so
+    this works even while the main thread waits inside a collective, where Python handlers
+    cannot run. SIGTERM and SIGUSR1 alone never end the process early: schedulers repeat them.
+    """
+
+    def __init__(
+        self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+    ) -> None:
         self.received: int | None = None
         self._previous = {s: signal.signal(s, self._handle) for s in signals}
+        self._wake_reader, self._wake_writer = socket.socketpair()
+        self._wake_writer.setblocking(False)
+        self._previous_wakeup = signal.set_wakeup_fd(
+            self._wake_writer.fileno(), warn_on_full_buffer=False
+        )
+        self._watcher = threading.Thread(target=self._watch, name="stop-signal", daemon=True)
+        self._watcher.start()
+
+    @property
+    def reason(self) -> str | None:
+        """The signal this rank received (e.g. "SIGTERM"), or None."""
+        return None if self.received is None else signal.Signals(self.received).name
 
     def _handle(self, signum, _frame) -> None:
+        if self.received is None:
+            print(
+                f"rank {os.environ.get('RANK', '0')}: {signal.Signals(signum).name}: finishing "
+                "the step, saving a checkpoint, then exiting"
+                + (" (Ctrl-C again: exit now, without one)" if signum == signal.SIGINT else ""),
+                file=sys.stderr,
+                flush=True,
+            )
         self.received = signum
+
+    def _watch(self) -> None:
+        interrupted = False
+        while True:
+            try:
+                data = self._wake_reader.recv(64)
+            except OSError:
+                return
+            if not data:  # restore() closed the other end
+                return
+            for signum in data:
+                if interrupted and signum in (signal.SIGINT, signal.SIGTERM):
+                    os.write(
+                        2,
+                        f"{signal.Signals(signum).name} after SIGINT: exiting now, without a "
+                        "checkpoint; the latest complete one is kept\n".encode(),
+                    )
+                    os._exit(128 + signum)
+                interrupted = interrupted or signum == signal.SIGINT
 
     def should_stop(self, device: torch.device) -> bool:
         flag = torch.tensor(float(self.received is not None), device=device)
@@ -212,8 +269,12 @@ class StopSignal:
         return bool(flag.item())
 
     def restore(self) -> None:
+        signal.set_wakeup_fd(self._previous_wakeup)
         for s, handler in self._previous.items():
             signal.signal(s, handler)
+        self._wake_writer.close()  # the watcher reads end-of-file and returns
+        self._watcher.join(timeout=5)
+        self._wake_reader.close()
 
 
 class Throughput:
