@@ -31,8 +31,12 @@ def files(tmp_path_factory) -> dict[str, Path]:
     model = Llama(reward_config(BASE))
     model.init_weights(1)
     out["rm"] = save_model_checkpoint(root / "rm", model.state_dict(), model.cfg)
+    model.init_weights(2)
+    out["safety_rm"] = save_model_checkpoint(root / "safety_rm", model.state_dict(), model.cfg)
     prompts = [{"prompt": d[-2]["content"]} for d in dialogs(32)]
     out["prompts"] = write_jsonl(root / "prompts.jsonl", prompts)
+    tagged = [{**p, "safety_tagged": True} for p in prompts]
+    out["tagged_prompts"] = write_jsonl(root / "tagged.jsonl", tagged)
     return out
 
 
@@ -82,6 +86,8 @@ def two_rank_runs(jobs: dict, tmp: str) -> dict:
     run(jobs["short"], tmp / "resumed", stop_after=2)
     out["first_part"] = records(tmp / "resumed")
     out["resumed"] = run(jobs["short"], tmp / "resumed")
+    out["gated"] = run(jobs["gated"], tmp / "gated")
+    out["gated_tagged"] = run(jobs["gated_tagged"], tmp / "gated_tagged")
     return out
 
 
@@ -98,7 +104,17 @@ def results(files, tmp_path_factory):
         "greedy": job(files, *greedy),
         "greedy_tp": job(files, *greedy, "parallel=tp", "parallel.tp=2"),
         "short": job(files, "iterations=4"),
+        "gated": job(
+            files,
+            "iterations=1",
+            "scorer.kind=safety_gated",
+            f"scorer.helpfulness_rm={files['rm']}",
+            f"scorer.safety_rm={files['safety_rm']}",
+            "value_from=null",
+        ),
     }
+    jobs["gated_tagged"] = copy.deepcopy(jobs["gated"])
+    jobs["gated_tagged"].prompts = [str(files["tagged_prompts"])]
     out = run_distributed(two_rank_runs, 2, jobs, str(tmp))
     out["greedy_one"] = run_distributed(one_rank_run, 1, jobs["greedy"], str(tmp))
     return out
@@ -131,6 +147,16 @@ def test_ppo_resumes_exactly(results):
     for iteration in (1, 2, 3, 4):
         for key in COMPARED:
             assert results["resumed"][iteration][key] == results["straight"][iteration][key]
+
+
+def test_safety_gated_ppo_logs_each_reward_model(results):
+    # Untagged prompts, and random reward models whose rewards stay near 0.5 (above the
+    # 0.15 threshold): Rc is the Helpfulness RM's reward. Tagged prompts: the Safety RM's.
+    (untagged,) = results["gated"].values()
+    (tagged,) = results["gated_tagged"].values()
+    assert untagged["reward"] == pytest.approx(untagged["helpful_reward"], abs=1e-7)
+    assert tagged["reward"] == pytest.approx(tagged["safety_reward"], abs=1e-7)
+    assert abs(untagged["helpful_reward"] - untagged["safety_reward"]) > 1e-4
 
 
 def test_bad_ppo_configs(files, tmp_path):
