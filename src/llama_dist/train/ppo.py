@@ -395,6 +395,7 @@ def ppo(cfg: PPOJobConfig, run_dir: Path) -> TrainState:
                         parts["old_logprobs"].append(token_logprobs(policy, chunk, device).cpu())
                         parts["ref_logprobs"].append(token_logprobs(reference, chunk, device).cpu())
                     parts["old_values"].append(token_values(value, chunk, device).cpu())
+            t_forward = time.perf_counter()
             for key, values in parts.items():
                 batch[key] = torch.cat(values) * mask
             score = whiten(
@@ -460,6 +461,9 @@ def ppo(cfg: PPOJobConfig, run_dir: Path) -> TrainState:
                 "generate_s": t1 - t0,
                 "score_s": t2 - t1,
                 "train_s": t3 - t2,
+                # Part of train_s: the rollout rows and the no-grad forwards (old log-probs,
+                # reference log-probs, values) before the updates.
+                "forward_s": t_forward - t2,
             }
             metrics.advance(iteration)
             metrics.log(iteration, record)
