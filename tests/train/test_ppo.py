@@ -80,6 +80,7 @@ def run(cfg: PPOJobConfig, run_dir: Path, **fields) -> dict[int, dict]:
 def two_rank_runs(jobs: dict, tmp: str) -> dict:
     tmp = Path(tmp)
     out = {"learn": run(jobs["learn"], tmp / "learn")}
+    out["plot_bytes"] = (tmp / "learn" / "ppo_curve.png").stat().st_size
     out["greedy_fsdp"] = run(jobs["greedy"], tmp / "greedy_fsdp")
     out["greedy_tp"] = run(jobs["greedy_tp"], tmp / "greedy_tp")
     out["straight"] = run(jobs["short"], tmp / "straight")
@@ -128,6 +129,7 @@ def test_ppo_raises_the_reward_with_a_bounded_kl(results):
     assert last > first + 0.2, (first, last)
     assert max(r["kl"] for r in learn.values()) < 25.0
     assert learn[1]["kl"] == 0.0  # the policy starts as its reference
+    assert results["plot_bytes"] > 1000
     for r in learn.values():
         assert 0.0 <= r["clip_fraction"] <= 1.0 and r["response_length"] <= 6
         assert r["generate_s"] > 0 and r["train_s"] > 0

@@ -37,6 +37,7 @@ from llama_dist.data.epochs import items_at
 from llama_dist.data.prompts import Prompt, read_prompts
 from llama_dist.generation_dist import consolidated_for_generation, generate_distributed
 from llama_dist.losses import IGNORE_INDEX, cross_entropy_loss
+from llama_dist.metrics.logger import read_metrics
 from llama_dist.models.config import LlamaConfig
 from llama_dist.models.hf_adapter import PAD_ID
 from llama_dist.parallel import build_llama, build_mesh, dp_rank_and_size, loss_context
@@ -491,7 +492,41 @@ def ppo(cfg: PPOJobConfig, run_dir: Path) -> TrainState:
         stop.restore()
         metrics.close()
     dist.barrier()
+    if dist.get_rank() == 0:
+        plot_ppo(run_dir)
+    dist.barrier()
     return state
+
+
+def plot_ppo(run_dir: Path) -> Path | None:
+    """`ppo_curve.png`: reward (training batch and held out) and KL to the reference per
+    iteration, from metrics.jsonl."""
+    records = read_metrics(run_dir)
+    train = [r for r in records if r["kind"] == "train" and "kl" in r]
+    if not train:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    steps = [r["step"] for r in train]
+    left.plot(steps, [r["reward"] for r in train], marker=".", label="batch")
+    valid = [r for r in records if r["kind"] == "valid" and "reward" in r]
+    if valid:
+        left.plot([r["step"] for r in valid], [r["reward"] for r in valid], "o-", label="held out")
+    left.set_xlabel("iteration")
+    left.set_ylabel("reward")
+    left.legend()
+    right.plot(steps, [r["kl"] for r in train], marker=".", color="tab:red")
+    right.set_xlabel("iteration")
+    right.set_ylabel("KL to the reference (per response)")
+    fig.tight_layout()
+    out = Path(run_dir) / "ppo_curve.png"
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
 
 
 __all__ = ["PolicyObjective", "ValueObjective", "ppo", "rollout_rows", "validate_ppo"]
