@@ -143,7 +143,7 @@ def test_launch_sft_under_torchrun_with_resume(files, tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "torch.distributed.run",
+        "llama_dist.torchrun",  # torchrun, passing on the trainers' exit codes
         "--standalone",
         "--nproc_per_node",
         "2",
@@ -153,7 +153,9 @@ def test_launch_sft_under_torchrun_with_resume(files, tmp_path):
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     first = subprocess.run([*cmd, "train.stop_after=2"], capture_output=True, text=True, env=env)
-    assert first.returncode == 0, first.stderr[-3000:]
+    # Stopped before its last step: exit code 3, saying how to resume.
+    assert first.returncode == 3, first.stderr[-3000:]
+    assert "stopped at step 2 of" in first.stderr and "run the same command again" in first.stderr
     assert sorted(losses(run_dir)) == [1, 2]
     second = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert second.returncode == 0, second.stderr[-3000:]
