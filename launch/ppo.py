@@ -9,7 +9,7 @@ Hydra overrides on the command line (conf/ppo.yaml); the run folder is runs/<run
 """
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from llama_dist.config import register_configs
 from llama_dist.train.common import run_entry_point
@@ -20,7 +20,8 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="ppo")
 def main(cfg: DictConfig) -> None:
-    run_entry_point("ppo", ppo, OmegaConf.to_object(cfg))
+    # The composed config: its keys are checked against the schema (a stray +key fails).
+    run_entry_point("ppo", ppo, cfg)
 
 
 if __name__ == "__main__":

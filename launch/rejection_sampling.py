@@ -11,7 +11,7 @@ runs/<run_name>, each iteration in iter-N/.
 """
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from llama_dist.config import register_configs
 from llama_dist.train.common import run_entry_point
@@ -22,7 +22,8 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="rejection_sampling")
 def main(cfg: DictConfig) -> None:
-    run_entry_point("rejection_sampling", rejection_sampling, OmegaConf.to_object(cfg))
+    # The composed config: its keys are checked against the schema (a stray +key fails).
+    run_entry_point("rejection_sampling", rejection_sampling, cfg)
 
 
 if __name__ == "__main__":
