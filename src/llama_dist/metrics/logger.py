@@ -32,6 +32,10 @@ def _wandb_logged_in() -> bool:
     return netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
+# The kind of the row a restarted run writes first: the step it resumed from.
+RESUME = "resume"
+
+
 class MetricsLogger:
     """Rank 0 writes; other ranks hold a logger that does nothing."""
 
@@ -52,6 +56,15 @@ class MetricsLogger:
         self._wandb = None
         if not enabled:
             return
+        if self.path.is_file() and self.path.stat().st_size:
+            # A restart: what the earlier attempt logged after the checkpoint it resumes from
+            # is superseded (see `read_metrics`).
+            torn = not self.path.read_bytes().endswith(b"\n")
+            with open(self.path, "a") as f:
+                # A line the crash cut short ends here; readers skip it.
+                f.write("\n" * torn)
+                f.write(json.dumps({"step": start_step, "kind": RESUME, "time": time.time()}))
+                f.write("\n")
         self._bar = tqdm(
             total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True
         )
@@ -110,10 +123,26 @@ def _fmt(value: float) -> str:
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The records of a run's metrics.jsonl, each step once: where a restarted run resumed
+    from step S (a RESUME row), the rows the earlier attempt logged after S, or all of them
+    when S is 0 (a start from scratch logs step 0 again), are left out. Lines cut short by a
+    crash are left out too."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records: list[dict[str, Any]] = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # rows are written whole: only a crash leaves a partial one
+        if record.get("kind") == RESUME:
+            start = record["step"]
+            records = [r for r in records if r["step"] <= start] if start > 0 else []
+            continue
+        records.append(record)
+    return records
 
 
 def plot_loss_curve(run_dir: Path) -> Path | None:
