@@ -8,7 +8,9 @@ data-parallel size; the items of epoch e come from `epoch_items(e)`, a determini
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
+
+import torch
 
 T = TypeVar("T")
 
@@ -58,3 +60,62 @@ def rank_chunks(
             for p, ok in zip(range(start, start + micro_batch), real, strict=True)
         ]
         yield chunk, real
+
+
+class EpochLoader:
+    """Training micro-batches of one data-parallel rank, one optimizer step per `next()`.
+
+    Step s takes items [s * global_batch, (s + 1) * global_batch) of the epochs laid end to
+    end (`epoch_items(e)`; an epoch's leftover items open the next step); rank r takes its
+    contiguous share, `micro_batch` items per micro-batch, made by `make_batch`. The position
+    is one integer, saved under `state_key`, so a checkpoint resumes exactly at any
+    data-parallel size.
+    """
+
+    def __init__(
+        self,
+        epoch_items: Callable[[int], Sequence[Any]],
+        make_batch: Callable[[list[Any]], dict[str, torch.Tensor]],
+        *,
+        global_batch: int,
+        micro_batch: int,
+        dp_rank: int,
+        dp_size: int,
+        state_key: str,
+        unit: str,
+    ) -> None:
+        if global_batch % (micro_batch * dp_size):
+            raise ValueError(
+                f"global batch of {global_batch} {unit} is not divisible by micro_batch "
+                f"({micro_batch}) x data-parallel size ({dp_size})"
+            )
+        self.epoch_items = epoch_items
+        self.make_batch = make_batch
+        self.global_batch = global_batch
+        self.micro_batch = micro_batch
+        self.dp_rank = dp_rank
+        self.per_rank = global_batch // dp_size
+        self.state_key = state_key
+        self.consumed = 0
+
+    def epoch(self) -> float:
+        """Epochs completed by the steps taken so far (fractional)."""
+        return epochs_done(self.epoch_items, self.consumed)
+
+    def __iter__(self) -> EpochLoader:
+        return self
+
+    def __next__(self) -> list[dict[str, torch.Tensor]]:
+        first = self.consumed + self.dp_rank * self.per_rank
+        items = items_at(self.epoch_items, first, self.per_rank)
+        self.consumed += self.global_batch
+        return [
+            self.make_batch(items[i : i + self.micro_batch])
+            for i in range(0, self.per_rank, self.micro_batch)
+        ]
+
+    def state_dict(self) -> dict[str, int]:
+        return {self.state_key: self.consumed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.consumed = int(state[self.state_key])

@@ -18,16 +18,16 @@ is `data.sources`, each source a list of files and a `ratio`:
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-from llama_dist.data.epochs import epochs_done, items_at, rank_chunks
+from llama_dist.data.epochs import EpochLoader, rank_chunks
 from llama_dist.data.preference import OVERLONG, PreferenceDataset, collate_preferences
 from llama_dist.tokenizer import Tokenizer
 
@@ -189,11 +189,9 @@ class RewardData:
         return collate_preferences(pairs, pad_to_multiple_of=pad_to_multiple_of)
 
 
-class PreferenceLoader:
-    """Training micro-batches of one data-parallel rank, one optimizer step per `next()`: step
-    k takes pairs [k * global_batch, (k + 1) * global_batch) of the epochs laid end to end, this
-    rank its contiguous share, `micro_batch` pairs (2 x micro_batch sequences) per micro-batch.
-    The state is one integer, `consumed_pairs`."""
+class PreferenceLoader(EpochLoader):
+    """Training micro-batches of preference pairs (`EpochLoader`): `micro_batch` pairs are
+    2 x micro_batch sequences. The position is saved as `consumed_pairs`."""
 
     def __init__(
         self,
@@ -205,41 +203,16 @@ class PreferenceLoader:
         dp_size: int,
         pad_to_multiple_of: int = 1,
     ) -> None:
-        if global_batch % (micro_batch * dp_size):
-            raise ValueError(
-                f"global batch of {global_batch} pairs is not divisible by micro_batch "
-                f"({micro_batch}) x data-parallel size ({dp_size})"
-            )
-        self.data = data
-        self.global_batch = global_batch
-        self.micro_batch = micro_batch
-        self.dp_rank = dp_rank
-        self.per_rank = global_batch // dp_size
-        self.pad_to_multiple_of = pad_to_multiple_of
-        self.consumed_pairs = 0
-
-    def epoch(self) -> float:
-        return epochs_done(self.data.epoch_items, self.consumed_pairs)
-
-    def __iter__(self) -> PreferenceLoader:
-        return self
-
-    def __next__(self) -> list[dict[str, torch.Tensor]]:
-        first = self.consumed_pairs + self.dp_rank * self.per_rank
-        items = items_at(self.data.epoch_items, first, self.per_rank)
-        self.consumed_pairs += self.global_batch
-        return [
-            self.data.batch(
-                items[i : i + self.micro_batch], pad_to_multiple_of=self.pad_to_multiple_of
-            )
-            for i in range(0, self.per_rank, self.micro_batch)
-        ]
-
-    def state_dict(self) -> dict[str, int]:
-        return {"consumed_pairs": self.consumed_pairs}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.consumed_pairs = int(state["consumed_pairs"])
+        super().__init__(
+            data.epoch_items,
+            functools.partial(data.batch, pad_to_multiple_of=pad_to_multiple_of),
+            global_batch=global_batch,
+            micro_batch=micro_batch,
+            dp_rank=dp_rank,
+            dp_size=dp_size,
+            state_key="consumed_pairs",
+            unit="pairs",
+        )
 
 
 def valid_pair_batches(

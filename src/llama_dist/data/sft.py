@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from llama_dist.data.chat import encode_dialog
-from llama_dist.data.epochs import epochs_done, items_at, rank_chunks
+from llama_dist.data.epochs import EpochLoader, rank_chunks
 from llama_dist.data.records import read_records
 from llama_dist.losses import IGNORE_INDEX
 from llama_dist.tokenizer import Tokenizer
@@ -456,51 +456,23 @@ class SFTData:
         return int(sum(self.samples.labels_mask[i][1:].sum() for i in self.train_ids))
 
 
-class SFTLoader:
-    """Training micro-batches of one data-parallel rank, one optimizer step per `next()`.
-
-    Step s takes rows [s * global_batch, (s + 1) * global_batch) of the epochs' packed rows
-    laid end to end (an epoch's leftover rows open the next step); rank r takes its
-    contiguous share, in `micro_batch`es. The position is one integer, `consumed_rows`, so a
-    checkpoint resumes exactly, at any data-parallel size.
-    """
+class SFTLoader(EpochLoader):
+    """Training micro-batches of packed rows (`EpochLoader`); the position is saved as
+    `consumed_rows`."""
 
     def __init__(
         self, data: SFTData, *, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int
     ) -> None:
-        if global_batch % (micro_batch * dp_size):
-            raise ValueError(
-                f"global batch of {global_batch} rows is not divisible by micro_batch "
-                f"({micro_batch}) x data-parallel size ({dp_size})"
-            )
-        self.data = data
-        self.global_batch = global_batch
-        self.micro_batch = micro_batch
-        self.dp_rank = dp_rank
-        self.per_rank = global_batch // dp_size
-        self.consumed_rows = 0
-
-    def epoch_of(self, row: int) -> float:
-        """Epochs completed after `row` rows (fractional)."""
-        return epochs_done(self.data.epoch_rows, row)
-
-    def __iter__(self) -> SFTLoader:
-        return self
-
-    def __next__(self) -> list[dict[str, torch.Tensor]]:
-        first = self.consumed_rows + self.dp_rank * self.per_rank
-        rows = items_at(self.data.epoch_rows, first, self.per_rank)
-        self.consumed_rows += self.global_batch
-        return [
-            self.data.batch(rows[i : i + self.micro_batch])
-            for i in range(0, self.per_rank, self.micro_batch)
-        ]
-
-    def state_dict(self) -> dict[str, int]:
-        return {"consumed_rows": self.consumed_rows}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.consumed_rows = int(state["consumed_rows"])
+        super().__init__(
+            data.epoch_rows,
+            data.batch,
+            global_batch=global_batch,
+            micro_batch=micro_batch,
+            dp_rank=dp_rank,
+            dp_size=dp_size,
+            state_key="consumed_rows",
+            unit="rows",
+        )
 
 
 def valid_batches(

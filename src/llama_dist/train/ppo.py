@@ -16,6 +16,8 @@ model, both optimizers and the iteration count; the prompts of iteration i are f
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import math
 import os
@@ -306,7 +308,7 @@ def ppo(cfg: PPOJobConfig, run_dir: Path) -> TrainState:
     reference.eval()
     total_steps = cfg.iterations * steps_per_iteration
     popt, psched = build_optimizer(policy, cfg.optim, total_steps=total_steps)
-    vo = type(cfg.optim)(**{**vars(cfg.optim), "lr": cfg.ppo.value_lr or cfg.optim.lr})
+    vo = dataclasses.replace(cfg.optim, lr=cfg.ppo.value_lr or cfg.optim.lr)
     vopt, vsched = build_optimizer(value, vo, total_steps=total_steps)
     step_policy = GuardedStep(
         popt,
@@ -354,6 +356,7 @@ def ppo(cfg: PPOJobConfig, run_dir: Path) -> TrainState:
     per_rank = cfg.ppo.batch_prompts // dp_size
     minibatch_rows = cfg.ppo.minibatch_prompts // dp_size
 
+    @functools.lru_cache(maxsize=2)
     def epoch_prompts(epoch: int) -> list[Prompt]:
         order = np.random.default_rng([cfg.seed, epoch]).permutation(len(train))
         return [train[i] for i in order]

@@ -52,7 +52,13 @@ from llama_dist.train.common import (
     throughput_meter,
 )
 from llama_dist.train.pretrain import check_tokenizer
-from llama_dist.train.step import StopSignal, TrainState, forward_backward, global_count
+from llama_dist.train.step import (
+    StopSignal,
+    TrainState,
+    data_parallel_sum,
+    forward_backward,
+    global_count,
+)
 
 log = logging.getLogger("llama_dist.train.reward")
 
@@ -182,15 +188,6 @@ class RankingObjective:
         return self.per_pair(model, batch, device)[0].sum()
 
 
-def _sum_over_data_parallel(t: torch.Tensor, parallel: ParallelConfig) -> torch.Tensor:
-    """Sum over data-parallel ranks; tensor-parallel ranks hold the same batches, so the world
-    sum counts each once per group member."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-        t = t // (dist.get_world_size() // parallel.dp)
-    return t
-
-
 @torch.no_grad()
 def evaluate_reward(
     model: nn.Module,
@@ -232,11 +229,8 @@ def evaluate_reward(
             recall += unsafe_recall_counts(torch.cat([chosen, rejected])[both], labels[both])
             loss += torch.stack([per_pair[real].double().sum(), real.sum().double()])
         # Integer sums stay exact; the loss sum is divided back by the replica count.
-        accuracy = _sum_over_data_parallel(accuracy, parallel)
-        recall = _sum_over_data_parallel(recall, parallel)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(loss)
-            loss /= dist.get_world_size() // parallel.dp
+        for total in (accuracy, recall, loss):
+            data_parallel_sum(total, parallel=parallel)
         out[name] = {"accuracy": accuracy.cpu(), "recall": recall.cpu(), "loss": loss.cpu()}
     model.train()
     return out

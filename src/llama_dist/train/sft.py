@@ -189,7 +189,7 @@ def sft(cfg: SFTJobConfig, run_dir: Path) -> TrainState:
                     {
                         **record,
                         "answer_tokens": out.num_units,
-                        "epoch": loader.epoch_of(loader.consumed_rows),
+                        "epoch": loader.epoch(),
                     },
                 )
             saved, stopping = end_of_step(

@@ -87,15 +87,26 @@ class StepOutput:
     num_units: int  # units over all micro-batches and data-parallel ranks
 
 
+def data_parallel_sum(t: torch.Tensor, *, parallel: ParallelConfig) -> torch.Tensor:
+    """Sum of `t` over the data-parallel ranks (one all-reduce, in place). Ranks of a tensor-
+    parallel group hold the same data, so the world sum counts it once per group member and
+    is divided by that (exactly, for integer tensors)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+        replicas = dist.get_world_size() // parallel.dp
+        if t.is_floating_point():
+            t /= replicas
+        else:
+            t //= replicas
+    return t
+
+
 def global_count(local: int, *, parallel: ParallelConfig, device: torch.device) -> int:
-    """Sum of `local` over the data-parallel ranks (one all-reduce). Ranks of a tensor-
-    parallel group hold the same data, so the world sum counts it once per group member."""
+    """`local` summed over the data-parallel ranks (`data_parallel_sum`)."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return local
     total = torch.tensor(local, dtype=torch.int64, device=device)
-    dist.all_reduce(total)
-    replicas = dist.get_world_size() // parallel.dp
-    return int(total.item()) // replicas
+    return int(data_parallel_sum(total, parallel=parallel).item())
 
 
 def forward_backward(
@@ -129,9 +140,7 @@ def forward_backward(
             loss_sum = objective.loss_sum(model, batch, device)
             (loss_sum * scale).backward()
         total += _local(loss_sum).detach().float()
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(total)
-        total /= dist.get_world_size() // parallel.dp
+    data_parallel_sum(total, parallel=parallel)
     return StepOutput(loss=total / max(count, 1), num_units=count)
 
 
