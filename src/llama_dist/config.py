@@ -356,6 +356,7 @@ class RejectionSamplingJobConfig:
     scorer: ScorerConfig = field(default_factory=ScorerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     device: str = "auto"  # auto | cpu | cuda
+    collective_timeout_s: float = 600.0  # a collective that waits longer fails, naming ranks
     finetune: bool = True  # fine-tune on the kept set (the sft section; its layout is ours)
     sft: SFTJobConfig = field(default_factory=_rs_sft)
     run_name: str = "rejection-sampling"
@@ -429,6 +430,7 @@ class PPOJobConfig:
     wandb: bool = True
     wandb_project: str = "llama_dist"
     stop_after: int | None = None  # stop (with a checkpoint) after this iteration, for tests
+    collective_timeout_s: float = 600.0  # a collective that waits longer fails, naming ranks
     run_name: str = "ppo"
 
 
@@ -508,10 +510,12 @@ def validate_loop(t: LoopConfig, *, global_batch: int, dp: int, what: str, fix: 
         raise ValueError(f"train.device={t.device!r} must be auto, cpu or cuda")
     if t.max_nonfinite_steps < 1:
         raise ValueError("train.max_nonfinite_steps must be >= 1")
-    if not t.collective_timeout_s > 0:
-        raise ValueError(
-            f"train.collective_timeout_s={t.collective_timeout_s} must be positive (seconds)"
-        )
+    check_collective_timeout(t.collective_timeout_s, "train.collective_timeout_s")
+
+
+def check_collective_timeout(seconds: float, key: str) -> None:
+    if not seconds > 0:
+        raise ValueError(f"{key}={seconds} must be positive (seconds)")
 
 
 def validate_optim(o: OptimConfig, *, steps: int, default_lr: float) -> None:

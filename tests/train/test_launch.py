@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from faulty_pretrain import KILL_RANK_ENV, KILL_STEP_ENV
 from pretrain_helpers import ROOT, train_losses, write_corpus
 
 from llama_dist.metrics.logger import read_metrics
 from llama_dist.tokenizer import train_tokenizer
-from llama_dist.train.pretrain import FAULT_RANK_ENV, FAULT_STEP_ENV
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
@@ -169,10 +169,12 @@ def test_sigkill_restart_resumes_bitwise(tmp_path):
     )
     assert straight.returncode == 0, straight.stderr
     # Rank 1 dies by SIGKILL after step 6; torchrun restarts the group, which resumes from
-    # the complete checkpoint at step 4.
-    env = {**os.environ, FAULT_STEP_ENV: "6", FAULT_RANK_ENV: "1"}
+    # the complete checkpoint at step 4. The fault comes from a test-only wrapper of
+    # launch/pretrain.py, tests/train/faulty_pretrain.py.
+    env = {**os.environ, KILL_STEP_ENV: "6", KILL_RANK_ENV: "1"}
+    faulty = ["tests/train/faulty_pretrain.py", *common(data, restarted_dir, *args)[1:]]
     restarted = subprocess.run(
-        [*TORCHRUN[:3], "--max-restarts", "1", *TORCHRUN[3:], *common(data, restarted_dir, *args)],
+        [*TORCHRUN[:3], "--max-restarts", "1", *TORCHRUN[3:], *faulty],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -84,7 +84,10 @@ def two_rank_runs(jobs: dict, tmp: str) -> dict:
     out["greedy_fsdp"] = run(jobs["greedy"], tmp / "greedy_fsdp")
     out["greedy_tp"] = run(jobs["greedy_tp"], tmp / "greedy_tp")
     out["straight"] = run(jobs["short"], tmp / "straight")
-    run(jobs["short"], tmp / "resumed", stop_after=2)
+    stopped = copy.deepcopy(jobs["short"])
+    stopped.stop_after = 2
+    state = ppo(stopped, tmp / "resumed")
+    out["stopped"] = (state.step, state.stopped, state.planned_steps)
     out["first_part"] = records(tmp / "resumed")
     out["resumed"] = run(jobs["short"], tmp / "resumed")
     out["gated"] = run(jobs["gated"], tmp / "gated")
@@ -146,6 +149,8 @@ def test_sharded_ppo_steps_equal_one_process(results):
 
 def test_ppo_resumes_exactly(results):
     assert sorted(results["first_part"]) == [1, 2]
+    # A stop asked from outside leaves the run unfinished: run_job exits 3 with how to resume.
+    assert results["stopped"] == (2, "stop_after=2", 4)
     for iteration in (1, 2, 3, 4):
         for key in COMPARED:
             assert results["resumed"][iteration][key] == results["straight"][iteration][key]

@@ -4,6 +4,7 @@ fine-tunes through the SFT loop."""
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -77,10 +78,18 @@ def first_runs(jobs: dict, tmp: str) -> None:
     rejection_sampling(jobs["word1"], tmp / "crashed")
 
 
-def second_runs(jobs: dict, tmp: str) -> None:
+def second_runs(jobs: dict, tmp: str) -> dict:
     tmp = Path(tmp)
     rejection_sampling(jobs["word1"], tmp / "crashed")
-    rejection_sampling(jobs["gated"], tmp / "gated")
+    # The fine-tuning stopped after its first step (as by a signal), then resumed to the end.
+    stopped = copy.deepcopy(jobs["gated"])
+    stopped.sft.train.stop_after = 1
+    first = rejection_sampling(stopped, tmp / "gated")
+    second = rejection_sampling(jobs["gated"], tmp / "gated")
+    return {
+        "stopped": (first.step, first.stopped, first.planned_steps),
+        "finished": (second.step, second.stopped, second.kept.is_file()),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -115,8 +124,8 @@ def runs(files, tmp_path_factory):
         path.write_text(lines[0] + "\n" + lines[1][: len(lines[1]) // 2])
     for name in ("kept.jsonl", "summary.json", "report.md"):
         (crashed / name).unlink()
-    run_distributed(second_runs, 2, jobs, str(tmp))
-    return {"tmp": tmp, "crashed_first_lines": before}
+    second = run_distributed(second_runs, 2, jobs, str(tmp))
+    return {"tmp": tmp, "crashed_first_lines": before, **second}
 
 
 def test_keeps_the_best_candidate_of_each_prompt(runs, files):
@@ -198,6 +207,10 @@ def test_reward_model_scores_equal_one_process_and_the_kept_set_fine_tunes(runs,
     assert (expected == safety).any() and (expected == helpful).any()  # both RMs decide
     steps = sorted((folder / "sft" / "checkpoints").glob("step-*"))
     assert steps, "the fine-tuning run saved no checkpoint"
+    # Stopped early, the iteration reports it (run_job exits 3); resumed, it finishes.
+    step, stopped, planned = runs["stopped"]
+    assert (step, stopped) == (1, "train.stop_after=1") and planned > 1
+    assert runs["finished"] == (planned, None, True)
 
 
 def test_bad_rejection_sampling_configs(files, tmp_path):

@@ -33,7 +33,7 @@ from torch import nn
 
 from llama_dist.checkpoint import CheckpointManager, ModelState, OptimizerState
 from llama_dist.checkpoint.init import load_initial_weights, source_config
-from llama_dist.config import PPOJobConfig
+from llama_dist.config import PPOJobConfig, check_collective_timeout
 from llama_dist.data.chat import encode_dialog
 from llama_dist.data.epochs import items_at
 from llama_dist.data.prompts import Prompt, read_prompts
@@ -87,6 +87,7 @@ def validate_ppo(cfg: PPOJobConfig, world_size: int) -> tuple[LlamaConfig, Llama
         raise ValueError(f"policy {cfg.policy} is a reward model; train a language model")
     cfg.scorer.validate()
     cfg.ppo.validate()
+    check_collective_timeout(cfg.collective_timeout_s, "collective_timeout_s")
     value_from = cfg.value_from or cfg.scorer.reward_model or cfg.scorer.helpfulness_rm
     if not value_from:
         raise ValueError(
@@ -295,7 +296,9 @@ def ppo(cfg: PPOJobConfig, run_dir: Path) -> TrainState:
     checkpoint_dir = run_dir / cfg.checkpoint.folder
     refuse_fresh_start_over_checkpoints(checkpoint_dir, cfg.checkpoint.resume)
 
-    device = open_run(run_dir, cfg, device=cfg.device)
+    device = open_run(
+        run_dir, cfg, device=cfg.device, collective_timeout_s=cfg.collective_timeout_s
+    )
     mesh = build_mesh(cfg.parallel, device=device.type)
     dp_rank, dp_size = dp_rank_and_size(mesh)
     pad = cfg.parallel.tp if cfg.parallel.sequence_parallel else 1
@@ -485,7 +488,16 @@ def ppo(cfg: PPOJobConfig, run_dir: Path) -> TrainState:
                         "held-out reward has not improved in %d evaluations: stopping", cfg.patience
                     )
                     stopping = True
-            stopping = stop.should_stop(device) or stopping or iteration == cfg.stop_after
+            signalled = stop.should_stop(device)  # collective: every rank agrees
+            if (signalled or iteration == cfg.stop_after) and iteration < cfg.iterations:
+                # Asked from outside: unlike early stopping, the run is unfinished (exit 3).
+                stopping = True
+                state.stopped = (
+                    (stop.reason or "a signal to another rank")
+                    if signalled
+                    else f"stop_after={cfg.stop_after}"
+                )
+                state.planned_steps = cfg.iterations
             if iteration % cfg.checkpoint.every == 0 or iteration == cfg.iterations or stopping:
                 checkpoints.save(iteration, states)
             if stopping:

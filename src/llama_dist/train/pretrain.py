@@ -32,11 +32,8 @@ from llama_dist.train.step import StopSignal, TrainState, evaluate, forward_back
 
 log = logging.getLogger("llama_dist.train.pretrain")
 
-# Fault injection for the restart tests: rank FAULT_RANK kills itself with SIGKILL after
-# step FAULT_STEP on the first attempt, as a crashed node would.
 # End-of-run samples load the whole model on one CPU process: only for small models.
 MAX_SAMPLE_PARAMS = 2_000_000_000
-FAULT_STEP_ENV, FAULT_RANK_ENV = "LLAMA_DIST_FAULT_KILL_STEP", "LLAMA_DIST_FAULT_KILL_RANK"
 
 
 def check_tokenizer(path: str | None, vocab_size: int) -> Tokenizer | None:
@@ -121,8 +118,6 @@ def pretrain(cfg: JobConfig, run_dir: Path) -> TrainState:
         model_cfg, seq_len=cfg.data.seq_len, train=cfg.train, parallel=cfg.parallel, device=device
     )
     stop = StopSignal()
-    fault_step = int(os.environ.get(FAULT_STEP_ENV, "0"))
-    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
     batches = iter(loader)
     last_saved: Path | None = None
 
@@ -153,10 +148,6 @@ def pretrain(cfg: JobConfig, run_dir: Path) -> TrainState:
                 device=device,
             )
             last_saved = saved or last_saved
-            if fault_step and first_attempt and state.step == fault_step:
-                checkpoints.wait()  # collective: every rank, before one of them dies
-                if rank == int(os.environ.get(FAULT_RANK_ENV, "0")):
-                    os.kill(os.getpid(), 9)
             if stopping:
                 break
     finally:

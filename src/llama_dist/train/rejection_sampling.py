@@ -24,6 +24,7 @@ import gc
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from llama_dist.checkpoint.init import load_initial_weights, source_config
-from llama_dist.config import RejectionSamplingJobConfig, ScorerConfig
+from llama_dist.config import RejectionSamplingJobConfig, ScorerConfig, check_collective_timeout
 from llama_dist.data.chat import encode_dialog
 from llama_dist.data.prompts import Prompt, read_prompts
 from llama_dist.generation_dist import consolidated_for_generation, generate_distributed
@@ -48,11 +49,34 @@ from llama_dist.tokenizer import Tokenizer
 from llama_dist.train.common import open_run
 from llama_dist.train.pretrain import check_tokenizer
 from llama_dist.train.sft import sft, validate_sft
+from llama_dist.train.step import TrainState
 
 log = logging.getLogger("llama_dist.train.rejection_sampling")
 
 KEPT_FILE = "kept.jsonl"
 SUMMARY_FILE = "summary.json"
+
+
+@dataclass
+class RejectionSamplingResult:
+    """What an iteration produced: the kept set, and the fine-tuning's counters (None without
+    fine-tuning). `stopped` and `planned_steps` are the fine-tuning's, so a fine-tuning stopped
+    by a signal exits 3 through `train.common.run_job`, like the other loops."""
+
+    kept: Path
+    finetune: TrainState | None = None
+
+    @property
+    def step(self) -> int | None:
+        return None if self.finetune is None else self.finetune.step
+
+    @property
+    def stopped(self) -> str | None:
+        return None if self.finetune is None else self.finetune.stopped
+
+    @property
+    def planned_steps(self) -> int | None:
+        return None if self.finetune is None else self.finetune.planned_steps
 
 
 def iteration_dir(run_dir: Path, iteration: int) -> Path:
@@ -73,6 +97,7 @@ def validate_rejection_sampling(cfg: RejectionSamplingJobConfig, world_size: int
     if not model.is_lm_head:
         raise ValueError(f"policy {cfg.policy} is a reward model; sample from a language model")
     cfg.sampling.validate()
+    check_collective_timeout(cfg.collective_timeout_s, "collective_timeout_s")
     cfg.scorer.validate()
     for name in ("reward_model", "helpfulness_rm", "safety_rm"):
         path = getattr(cfg.scorer, name)
@@ -376,9 +401,8 @@ def write_report(folder: Path, stats: dict, curve: dict, num_samples: int) -> st
     return text
 
 
-def rejection_sampling(cfg: RejectionSamplingJobConfig, run_dir: Path) -> Path:
-    """Run (or resume) one iteration into `run_dir/iter-N`; every rank calls this. Returns
-    the kept set's file."""
+def rejection_sampling(cfg: RejectionSamplingJobConfig, run_dir: Path) -> RejectionSamplingResult:
+    """Run (or resume) one iteration into `run_dir/iter-N`; every rank calls this."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     model_cfg = validate_rejection_sampling(cfg, world_size)
     tokenizer = check_tokenizer(cfg.tokenizer, model_cfg.vocab_size)
@@ -388,7 +412,7 @@ def rejection_sampling(cfg: RejectionSamplingJobConfig, run_dir: Path) -> Path:
     folder = iteration_dir(run_dir, cfg.iteration)
     pool = load_pool(run_dir, cfg.iteration, cfg.pool)
     kept_file = folder / KEPT_FILE
-    device = open_run(folder, cfg, device=cfg.device)
+    device = open_run(folder, cfg, device=cfg.device, collective_timeout_s=cfg.collective_timeout_s)
     samples_dir = folder / "samples"
     if dist.get_rank() == 0:
         samples_dir.mkdir(parents=True, exist_ok=True)
@@ -413,12 +437,13 @@ def rejection_sampling(cfg: RejectionSamplingJobConfig, run_dir: Path) -> Path:
     else:
         log.info("iteration %d already sampled (%s)", cfg.iteration, kept_file)
 
-    if cfg.finetune:
-        sft(fine_tune_config(cfg, kept_file), folder / "sft")
-    return kept_file
+    if not cfg.finetune:
+        return RejectionSamplingResult(kept_file)
+    return RejectionSamplingResult(kept_file, sft(fine_tune_config(cfg, kept_file), folder / "sft"))
 
 
 __all__ = [
+    "RejectionSamplingResult",
     "best_of_k_curve",
     "keep_best",
     "load_pool",
