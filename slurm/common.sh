@@ -3,9 +3,11 @@
 # is the user's guide. `pretrain OVERRIDES...` starts one torchrun per node with c10d rendezvous
 # on the allocation's first node, trains into a run folder tied to the job id, and on Slurm's
 # warning signal makes the trainers checkpoint, then requeues the job, which resumes.
+# `run_stage SCRIPT OVERRIDES...` does the same for any entry point (the recipe's stages,
+# written by `launch/recipe.py action=slurm`).
 #
 # Environment (all optional):
-#   DEVICE          cuda (default) or cpu; passed as train.device
+#   DEVICE          cuda (default) or cpu; passed as train.device by `pretrain`
 #   NPROC_PER_NODE  processes per node (default: the GPUs Slurm gave the node, else 8)
 #   RUNS_DIR        parent of run folders (default runs); the run folder is
 #                   $RUNS_DIR/<job name>-<job id>, the same after a requeue
@@ -96,10 +98,15 @@ on_signal() {
     RESENDER=$!
 }
 
-pretrain() {
+# `run_stage SCRIPT [--config-name NAME] OVERRIDES...` runs one entry point (launch/*.py) as a
+# job step: one torchrun per node, c10d rendezvous on the first node, into the run folder
+# (hydra.run.dir). It returns the trainers' exit status; on Slurm's warning signal the trainers
+# checkpoint and the job is requeued (exit 0 here), and the requeued job resumes.
+run_stage() {
+    local script=$1
+    shift
     local nnodes=$SLURM_NNODES
     local nproc=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}
-    local device=${DEVICE:-cuda}
     local head port run_dir python
     trap 'on_signal USR1' USR1
     trap 'on_signal TERM' TERM
@@ -113,7 +120,7 @@ pretrain() {
     mkdir -p "$run_dir"
 
     say "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $nnodes nodes" \
-        "$SLURM_JOB_NODELIST, $nproc processes each, device $device"
+        "$SLURM_JOB_NODELIST, $nproc processes each: $script"
     say "rendezvous $head:$port; run folder $run_dir; checkout $ROOT; python $python"
     say "environment: $(env | grep -E '^(NCCL|GLOO)_' | sort | tr '\n' ' ')"
 
@@ -125,13 +132,8 @@ pretrain() {
         --rdzv-id "$SLURM_JOB_ID"
         --max-restarts "${MAX_RESTARTS:-0}"
     )
-    # The command line's overrides come last, so they win over these.
-    local overrides=(
-        "train.device=$device"
-        "hydra.run.dir=$run_dir"
-        "checkpoint.resume=auto"
-        "$@"
-    )
+    # The caller's overrides come last, so they win over this one.
+    local overrides=("hydra.run.dir=$run_dir" "$@")
     # One torchrun per node; the first node hosts the rendezvous store (is_host), whatever its
     # name resolves to. torchrun ignores USR1 (an ignored signal stays ignored across exec and
     # in the workers it spawns) and the trainers install their own handler for it.
@@ -142,7 +144,7 @@ pretrain() {
         bash -c 'trap "" USR1
             echo "node $SLURMD_NODENAME ($SLURM_NODEID): starting torchrun"
             exec "$0" -m torch.distributed.run --rdzv-conf "is_host=$((SLURM_NODEID == 0))" "$@"' \
-        "$python" "${torchrun[@]}" launch/pretrain.py "${overrides[@]}" &
+        "$python" "${torchrun[@]}" "$script" "${overrides[@]}" &
     local srun_pid=$! status=0
     wait_for "$srun_pid" || status=$?
     trap - USR1 TERM
@@ -154,6 +156,14 @@ pretrain() {
         scontrol requeue "$SLURM_JOB_ID"
         exit 0
     fi
-    say "training exited with status $status"
+    say "$script: training exited with status $status"
+    return "$status"
+}
+
+# `pretrain OVERRIDES...`: the per-model batch scripts' pretraining run.
+pretrain() {
+    local status=0
+    run_stage launch/pretrain.py "train.device=${DEVICE:-cuda}" "checkpoint.resume=auto" "$@" ||
+        status=$?
     exit "$status"
 }
