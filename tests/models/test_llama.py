@@ -229,6 +229,21 @@ def test_gqa_equals_multi_head_with_repeated_kv_heads():
     torch.testing.assert_close(gqa(tokens), mha(tokens))
 
 
+def test_gqa_shares_kv_heads_without_copying_them(monkeypatch):
+    # On CPU SDPA's enable_gqa serves the query heads of each kv head, causal or masked.
+    model = build(tiny_cfg(n_heads=4, n_kv_heads=2))
+    tokens = torch.randint(0, model.cfg.vocab_size, (2, 9))
+    documents = torch.tensor([[0] * 4 + [1] * 5] * 2)
+    expected = model(tokens), model(tokens, document_ids=documents)
+
+    def copy_refused(*args, **kwargs):
+        raise AssertionError("K/V heads were repeated")
+
+    monkeypatch.setattr(torch.Tensor, "repeat_interleave", copy_refused)
+    torch.testing.assert_close(model(tokens), expected[0])
+    torch.testing.assert_close(model(tokens, document_ids=documents), expected[1])
+
+
 def test_too_long_sequence_is_a_clear_error():
     cfg = tiny_cfg(max_seq_len=8)
     with pytest.raises(ValueError, match="longer than model.max_seq_len=8"):

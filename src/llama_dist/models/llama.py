@@ -231,14 +231,21 @@ class Attention(nn.Module):
             out = flex_attention_gqa(q, k, v, mask)
             return self.wo(out.transpose(1, 2).contiguous().view(bsz, seqlen, -1))
 
+        # Grouped-query attention: each kv head serves n_rep query heads. SDPA's enable_gqa
+        # shares them without copying K and V; on CUDA only the causal kernels (flash,
+        # cuDNN) have it, while an explicit mask takes the memory-efficient kernel, which does
+        # not (SDPA would fall back to the math kernel), so there K and V are repeated.
         n_rep = q.shape[2] // k.shape[2]
-        if n_rep > 1:  # grouped-query attention: each kv head serves n_rep query heads
+        gqa = n_rep > 1 and (mask is None or q.device.type != "cuda")
+        if n_rep > 1 and not gqa:
             k = k.repeat_interleave(n_rep, dim=2)
             v = v.repeat_interleave(n_rep, dim=2)
 
         # (bsz, heads, seqlen, head_dim) for SDPA
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa
+        )
         out = out.transpose(1, 2).contiguous().view(bsz, seqlen, -1)
         return self.wo(out)
 

@@ -37,7 +37,12 @@ def apply_fsdp(
     Returns the groups in forward order. `reshard_after_forward`: "always", "never", or
     "default" = all groups but the last, whose backward follows its forward immediately.
     """
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    # Inputs are not cast: the blocks get the RoPE tables as inputs, which must stay fp32
+    # (`apply_rotary` computes in fp32); the hidden states arrive in param_dtype anyway, from
+    # the embedding's all-gathered weights.
+    mp = MixedPrecisionPolicy(
+        param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False
+    )
     units: list[nn.Module | list[nn.Module]] = [model.tok_embeddings]
     units += list(model.layers.values())
     units.append([model.norm, model.output])
