@@ -175,6 +175,17 @@ class CheckpointConfig:
     async_save: bool = False
     resume: str = "auto"  # auto: the latest complete checkpoint of this run, if any | none
     init_from: str | None = None  # weights to start from (e.g. a shorter-context run)
+    # When the newest checkpoint is damaged (a file missing or shorter than .metadata says, a
+    # .metadata or JSON file that does not parse, a read that fails). error: stop, naming the
+    # file and the newest intact earlier checkpoint | previous: rename the damaged folder
+    # step-N.damaged-<time> (never deleted) and resume from that earlier one.
+    on_damaged: str = "error"
+    # Config keys whose change on resume is accepted although it changes what the step
+    # counter or the data position means (data, sequence length, global batch, data seed, a
+    # schedule that moves the learning rate at the resumed step: train/resume_check.py lists
+    # them). Dotted keys as the error names them, e.g. [data.seq_len]; a key also covers the
+    # keys below it (data.sources covers data.sources.helpful.paths).
+    allow_changes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -550,6 +561,14 @@ def validate_checkpoint(c: CheckpointConfig) -> None:
         raise ValueError(f"checkpoint.resume={c.resume!r} must be auto or none")
     if c.every <= 0:
         raise ValueError(f"checkpoint.every={c.every} must be positive")
+    if c.on_damaged not in ("error", "previous"):
+        raise ValueError(f"checkpoint.on_damaged={c.on_damaged!r} must be error or previous")
+    bad = [key for key in c.allow_changes if not isinstance(key, str) or not key.strip(".")]
+    if bad:
+        raise ValueError(
+            f"checkpoint.allow_changes={list(c.allow_changes)} holds {bad}; list dotted config "
+            "keys such as data.seq_len"
+        )
 
 
 __all__ = [

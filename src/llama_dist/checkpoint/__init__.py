@@ -1,10 +1,15 @@
 """Checkpoints: DCP folders with the model config beside them."""
 
 from llama_dist.checkpoint.manager import (
+    JOB_CONFIG_FILE,
     CheckpointManager,
+    DamagedCheckpointError,
+    DiskFullError,
     ModelState,
     OptimizerState,
     check_checkpoint,
+    damage,
+    describe,
     rng_state,
     set_rng_state,
 )
@@ -18,11 +23,16 @@ from llama_dist.checkpoint.model_io import (
 )
 
 __all__ = [
+    "JOB_CONFIG_FILE",
     "MODEL_CONFIG_FILE",
     "CheckpointManager",
+    "DamagedCheckpointError",
+    "DiskFullError",
     "ModelState",
     "OptimizerState",
     "check_checkpoint",
+    "damage",
+    "describe",
     "find_checkpoint",
     "load_model_checkpoint",
     "rng_state",

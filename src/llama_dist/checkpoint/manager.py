@@ -12,11 +12,21 @@ On disk, in `folder`:
         .metadata             DCP's index of every entry, written last
         __<rank>_0.distcp     each rank's shards
         model_config.json     the model's shape, checked before anything is loaded
+        job_config.json       the resolved job config it was saved under (when the loop
+                              gives one), compared with the new one on resume
     .step-00002000.tmp/       a save in progress, or one cut short: never loaded, and
-                              removed by the next save
+                              removed by the next save (at once when the disk was full)
     step-00003000.incomplete-<time>/
                               a step folder found without .metadata (copied without hidden
                               files, or cut short), set aside on resume and kept
+    step-00004000.damaged-<time>/
+                              a checkpoint whose files are damaged, set aside on resume with
+                              checkpoint.on_damaged=previous and kept
+
+`damage(folder)` finds what can be found without loading (a .metadata or JSON file that does
+not parse, a file .metadata references that is missing or shorter than the bytes it
+references); what only a load finds (contents that do not decode) `load` raises as the same
+`DamagedCheckpointError`, naming the file.
 
 Entries: `model.<parameter name>` (plain names, so `load_model_checkpoint` and the converter
 read training checkpoints too), `optimizer.state.<parameter name>.<exp_avg|exp_avg_sq|step>`,
@@ -27,6 +37,8 @@ keys, and each rank's RNG states under `rng/rank<r>`.
 from __future__ import annotations
 
 import contextlib
+import errno
+import io
 import json
 import logging
 import os
@@ -38,13 +50,15 @@ from collections.abc import Iterator, Mapping, MutableMapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -67,6 +81,8 @@ from llama_dist.checkpoint.model_io import (
 from llama_dist.models.config import LlamaConfig
 
 logger = logging.getLogger(__name__)
+
+JOB_CONFIG_FILE = "job_config.json"
 
 # Flattened: one entry per parameter name. Parameter groups differ between layouts (they are
 # split per device mesh), so only names match a checkpoint to an optimizer of another layout.
@@ -177,6 +193,165 @@ def _dcp_context() -> Iterator[None]:
             yield
 
 
+class DamagedCheckpointError(ValueError):
+    """A checkpoint folder with DCP's .metadata whose files cannot be read; `problem` names the
+    file and what is wrong with it."""
+
+    def __init__(self, folder: str | os.PathLike, problem: str) -> None:
+        self.folder = Path(folder)
+        self.problem = problem
+        super().__init__(f"{describe(self.folder)} is damaged: {problem}")
+
+
+class DiskFullError(OSError):
+    """A checkpoint save that found no space: its partial folder is removed, the previous
+    checkpoint kept."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.errno = errno.ENOSPC
+
+
+def describe(folder: Path) -> str:
+    """`checkpoint step-00000010 (step 10) in <folder>`, as errors name a checkpoint."""
+    if _STEP_DIR.fullmatch(folder.name):
+        return f"checkpoint {folder.name} (step {step_of(folder)}) in {folder.parent}"
+    return f"checkpoint {folder}"
+
+
+def _short(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
+
+
+def damage(folder: str | os.PathLike) -> str | None:
+    """What makes checkpoint `folder` unreadable as far as is seen without loading it, naming
+    the file; None if nothing is.
+
+    Cheap: parses .metadata and the JSON files and stats each file .metadata references,
+    which must hold at least the bytes referenced (DCP's storage_data gives each entry's
+    offset and length). Contents that do not decode are found only by `load`.
+    """
+    folder = Path(folder)
+    try:
+        metadata = dcp.FileSystemReader(folder).read_metadata()
+    except Exception as e:  # noqa: BLE001 - unpickling a damaged file raises many types
+        return f"{_DCP_METADATA} cannot be read ({_short(e)}): it is damaged or truncated"
+    for name in (MODEL_CONFIG_FILE, JOB_CONFIG_FILE):
+        path = folder / name
+        if not path.is_file():
+            # A missing model config is check_checkpoint's to say; older checkpoints have
+            # no job config.
+            continue
+        try:
+            data = json.loads(path.read_text())
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+            return f"{name} is not valid JSON ({_short(e)})"
+        if name == MODEL_CONFIG_FILE:
+            try:
+                LlamaConfig.from_dict(data)
+            except (ValueError, TypeError, AttributeError) as e:
+                return f"{name} does not describe a model ({_short(e)})"
+    ends: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(ends.items()):
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing ({_DCP_METADATA} references {end} bytes of it)"
+        size = path.stat().st_size
+        if size < end:
+            return (
+                f"{name} is truncated: it has {size} bytes, {_DCP_METADATA} references {end} "
+                "(a copy cut short, or a full disk)"
+            )
+    return None
+
+
+class _NamingFileSystem(FileSystem):
+    """Remembers the file opened last, so that a failed read can name it (DCP's errors do
+    not)."""
+
+    opened: str | None = None
+
+    @contextlib.contextmanager
+    def create_stream(self, path: str | os.PathLike, mode: str) -> Iterator[io.IOBase]:
+        self.opened = Path(path).name
+        with super().create_stream(path, mode) as stream:
+            yield stream
+
+
+class _NamingReader(dcp.FileSystemReader):
+    def __init__(self, path: str | os.PathLike) -> None:
+        super().__init__(path)
+        self.fs = _NamingFileSystem()
+
+    def read_data(self, plan: Any, planner: Any) -> Future:
+        try:
+            return super().read_data(plan, planner)
+        except Exception as e:
+            raise RuntimeError(f"{self.fs.opened}: {_short(e)}") from e
+
+
+def _failures(error: BaseException) -> list[tuple[int, BaseException]]:
+    """(rank, exception) of each rank a DCP collective failed on; rank 0's for another
+    error."""
+    if isinstance(error, CheckpointException):
+        return [
+            (rank, failure[0] if isinstance(failure, tuple) else failure)
+            for rank, failure in sorted(error.failures.items())
+        ]
+    return [(_rank(), error)]
+
+
+# PyTorch's stream writer turns a short write into "enforce fail ... unexpected pos N vs M",
+# without the errno: a full disk is then told by the space left.
+_SHORT_WRITE = ("unexpected pos", "file write failed")
+
+
+def _space_failure(error: BaseException) -> tuple[str, bool] | None:
+    """(which rank failed and how; whether the errno says no space) if `error` is a failed
+    write that a full disk explains, else None."""
+    short_write = None
+    for rank, failure in _failures(error):
+        cause: BaseException | None = failure
+        while cause is not None:
+            if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+                return f"on rank {rank}: {_short(cause)}", True
+            if "No space left on device" in str(cause):
+                return f"on rank {rank}: {_short(cause)}", True
+            if short_write is None and any(t in str(cause) for t in _SHORT_WRITE):
+                short_write = f"on rank {rank}: {_short(cause)}"
+            cause = cause.__cause__ or cause.__context__
+    return None if short_write is None else (short_write, False)
+
+
+def _folder_bytes(folder: Path) -> int:
+    """The space the files of `folder` take (allocated blocks, so compression counts)."""
+    return sum(p.stat().st_blocks * 512 for p in folder.iterdir() if p.is_file())
+
+
+def _tensor_bytes(value: Any) -> int:
+    """Bytes of the tensors in a state (DTensors at their global size, as saved once)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, Stateful):
+        return _tensor_bytes(value.state_dict())
+    if isinstance(value, Mapping):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
+
+
+def _size(num_bytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if num_bytes < 1024 or unit == "TiB":
+            return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.1f} {unit}"
+        num_bytes /= 1024
+    raise AssertionError("unreachable")
+
+
 @dataclass
 class _PendingSave:
     """An async save whose data is still being written."""
@@ -185,6 +360,7 @@ class _PendingSave:
     tmp: Path
     final: Path
     started: float
+    states: Mapping[str, Any]  # for the size estimate if the write fails
     # Set once rank 0 has renamed the folder and applied retention (at once on other ranks).
     finalized: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
@@ -203,6 +379,13 @@ class CheckpointManager:
         final name when they are complete (at the latest by the next `save`, `wait` or
         `close`).
     save_rng: also save each rank's RNG states (`rng_state`) and restore them on load.
+    job_config: the resolved job config (JSON-able), written by rank 0 as job_config.json into
+        every checkpoint (`train.resume_check` compares it on resume); `resume_latest` sets it.
+
+    A save that finds no space (before it starts: less free space than the previous
+    checkpoint takes; or a write failing with ENOSPC on any rank) raises `DiskFullError` on
+    every rank, saying where, how much is free and how much the checkpoint needs; its
+    partial `.step-N.tmp` folder is removed at once, the previous checkpoint kept.
     """
 
     def __init__(
@@ -213,6 +396,7 @@ class CheckpointManager:
         keep_last: int | None = None,
         async_save: bool = False,
         save_rng: bool = True,
+        job_config: Mapping[str, Any] | None = None,
     ) -> None:
         if keep_last is not None and keep_last < 1:
             raise ValueError(
@@ -224,6 +408,7 @@ class CheckpointManager:
         self.keep_last = keep_last
         self.async_save = async_save
         self.save_rng = save_rng
+        self.job_config = job_config
         self._pending: _PendingSave | None = None
         self._closed = False
         # The background thread of an async save runs DCP's collectives while the training loop
@@ -259,23 +444,26 @@ class CheckpointManager:
         if self.save_rng:
             request[rng_key(_rank())] = rng_state()
 
+        error = None
         if _rank() == 0:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            self._remove_leftovers()
-            tmp.mkdir()
-            config = json.dumps(self.model_config.to_dict(), indent=2) + "\n"
-            (tmp / MODEL_CONFIG_FILE).write_text(config)
-        # No rank may write into `tmp` while rank 0 may still be removing a leftover of it.
-        self._barrier()
+            try:
+                self._prepare(tmp, step, states)
+            except BaseException as e:  # noqa: BLE001 - raised on every rank just below
+                error = e
+        # No rank may write into `tmp` while rank 0 may still be removing a leftover of it,
+        # nor at all if rank 0 could not create it.
+        self._raise_together(error, during="while preparing the folder")
 
         started = time.perf_counter()
         writer = self._storage_writer(tmp)
         if not self.async_save:
-            with _dcp_context():
-                # DCP gathers every rank's write results before rank 0 writes .metadata, so
-                # when this returns all data is on disk.
-                dcp.save(request, storage_writer=writer)
-            error = None
+            try:
+                with _dcp_context():
+                    # DCP gathers every rank's write results before rank 0 writes .metadata,
+                    # so when this returns all data is on disk; a failure reaches every rank.
+                    dcp.save(request, storage_writer=writer)
+            except CheckpointException as e:
+                self._save_failed(e, tmp, step, states)
             if _rank() == 0:
                 try:
                     self._finalize(tmp, final, started)
@@ -288,7 +476,7 @@ class CheckpointManager:
         response = dcp.async_save(request, storage_writer=writer, process_group=self._group)
         # An AsyncSaveResponse when staging is asynchronous too, else the upload future.
         future = getattr(response, "upload_completion", response)
-        pending = _PendingSave(future=future, tmp=tmp, final=final, started=started)
+        pending = _PendingSave(future=future, tmp=tmp, final=final, started=started, states=states)
         self._pending = pending
         if _rank() == 0:
             future.add_done_callback(lambda f: self._finalize_async(pending, f))
@@ -301,8 +489,12 @@ class CheckpointManager:
         pending, self._pending = self._pending, None
         if pending is None:
             return
-        # DCP reports a failed write to every rank, so all ranks raise here together.
-        pending.future.result()
+        try:
+            # DCP reports a failed write to every rank, so all ranks raise here together.
+            pending.future.result()
+        except CheckpointException as error:
+            pending.finalized.wait()
+            self._save_failed(error, pending.tmp, step_of(pending.final), pending.states)
         pending.finalized.wait()
         # Only rank 0 finalizes: its outcome decides for all.
         self._raise_together(pending.error if _rank() == 0 else None)
@@ -325,6 +517,87 @@ class CheckpointManager:
 
     def _storage_writer(self, path: Path) -> StorageWriter:
         return dcp.FileSystemWriter(path)
+
+    def _prepare(self, tmp: Path, step: int, states: Mapping[str, Any]) -> None:
+        """Rank 0: remove leftovers, check the space, create `tmp` with the JSON files."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._remove_leftovers()
+        previous = self.latest()
+        if previous is not None:
+            needed = _folder_bytes(previous)
+            free = shutil.disk_usage(self.folder).free
+            if free < needed:
+                raise DiskFullError(
+                    f"checkpoint save of step {step} refused before writing: the disk is full. "
+                    f"{self.folder} is on a file system with {_size(free)} free; the checkpoint "
+                    f"needs about {_size(needed)} (the size of {previous.name}). "
+                    f"{self._space_fix(previous)}"
+                )
+        tmp.mkdir()
+        files = {MODEL_CONFIG_FILE: self.model_config.to_dict()}
+        if self.job_config is not None:
+            files[JOB_CONFIG_FILE] = dict(self.job_config)
+        try:
+            for name, data in files.items():
+                (tmp / name).write_text(json.dumps(data, indent=2) + "\n")
+        except OSError as e:
+            failure = _space_failure(e)
+            if failure is None:
+                raise
+            raise DiskFullError(self._disk_full_message(step, failure[0], tmp, states)) from e
+
+    def _save_failed(
+        self, error: CheckpointException, tmp: Path, step: int, states: Mapping[str, Any]
+    ) -> NoReturn:
+        """Every rank, once DCP has reported a failed write to all: a full disk is said as
+        such and its partial folder removed at once; any other failure is re-raised as it is
+        (the folder is kept for a look, and removed by the next save)."""
+        message = [None]
+        if _rank() == 0:
+            failure = _space_failure(error)
+            if failure is not None:
+                what, certain = failure
+                if certain or shutil.disk_usage(self.folder).free < self._needed(states)[0]:
+                    message[0] = self._disk_full_message(step, what, tmp, states)
+        if dist.is_initialized() and dist.get_world_size(self._group) > 1:
+            dist.broadcast_object_list(message, src=0, group=self._group)
+        if message[0] is not None:
+            raise DiskFullError(message[0]) from error
+        raise error
+
+    def _needed(self, states: Mapping[str, Any]) -> tuple[int, str]:
+        """Rank 0: about how many bytes a checkpoint takes, and whence the estimate."""
+        previous = self.latest()
+        if previous is not None:
+            return _folder_bytes(previous), f"the size of {previous.name}"
+        return _tensor_bytes(states), "the size of its tensors"
+
+    def _disk_full_message(self, step: int, what: str, tmp: Path, states: Mapping[str, Any]) -> str:
+        """Rank 0: remove the partial folder `tmp`, and say what happened."""
+        shutil.rmtree(tmp, ignore_errors=True)
+        needed, source = self._needed(states)
+        free = shutil.disk_usage(self.folder).free
+        return (
+            f"checkpoint save of step {step} failed: the disk is full ({what}). {self.folder} "
+            f"is on a file system with {_size(free)} free (after removing the partial "
+            f"{tmp.name}); the checkpoint needs about {_size(needed)} ({source}). "
+            f"{self._space_fix(self.latest())}"
+        )
+
+    def _space_fix(self, previous: Path | None) -> str:
+        kept = (
+            f"{previous.name} is intact: free space (or point checkpoint.folder at a larger "
+            "disk), then run the same command again to resume from it"
+            if previous is not None
+            else "No earlier checkpoint exists: free space (or point checkpoint.folder at a "
+            "larger disk) and run again"
+        )
+        if self.keep_last is not None and self.keep_last > 1:
+            kept += (
+                f"; checkpoint.keep_last={self.keep_last} keeps that many besides the one "
+                "being written (a lower value needs less space)"
+            )
+        return kept
 
     def _finalize_async(self, pending: _PendingSave, future: Future) -> None:
         try:
@@ -367,17 +640,22 @@ class CheckpointManager:
                 logger.info("removing %s, left by an interrupted save or deletion", child)
                 shutil.rmtree(child)
 
-    def _raise_together(self, error: BaseException | None) -> None:
-        """Share rank 0's finalize outcome: every rank raises, or none does (and all wait for
-        rank 0, like a barrier)."""
-        message = [None if error is None else f"{type(error).__name__}: {error}"]
+    def _raise_together(
+        self, error: BaseException | None, *, during: str = "while moving it into place"
+    ) -> None:
+        """Share rank 0's outcome: every rank raises, or none does (and all wait for rank 0,
+        like a barrier). A full disk is a DiskFullError with the same message everywhere."""
+        message = [None if error is None else (type(error).__name__, str(error))]
         if dist.is_initialized() and dist.get_world_size(self._group) > 1:
             dist.broadcast_object_list(message, src=0, group=self._group)
         if error is not None:
             raise error
         if message[0] is not None:
+            kind, text = message[0]
+            if kind == DiskFullError.__name__:
+                raise DiskFullError(text)
             raise RuntimeError(
-                f"checkpoint save failed on rank 0 while moving it into place ({message[0]}); "
+                f"checkpoint save failed on rank 0 {during} ({kind}: {text}); "
                 "no checkpoint of this step exists, the previous one is intact"
             )
 
@@ -415,6 +693,16 @@ class CheckpointManager:
             moved.append(target)
         return moved
 
+    def set_aside_damaged(self, path: Path, problem: str) -> Path:
+        """Rank 0: rename damaged checkpoint `path` to `step-N.damaged-<time>`, saying so;
+        returns the new name. Nothing is deleted: it may be repairable."""
+        target = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%dT%H%M%S')}")
+        path.rename(target)
+        logger.warning(
+            "%s is damaged: %s; set aside as %s, not deleted", describe(path), problem, target.name
+        )
+        return target
+
     def latest(self) -> Path | None:
         """The complete checkpoint with the highest step, or None."""
         if not self.folder.is_dir():
@@ -435,7 +723,8 @@ class CheckpointManager:
         nested dicts filled in place). Only the entries named in `states` are read, so a
         model-only checkpoint initializes a model through `{"model": ModelState(model)}`.
         Raises ValueError, before reading any tensor, if the folder is not a complete
-        checkpoint, was saved for another model shape, or lacks one of the entries.
+        checkpoint, was saved for another model shape, or lacks one of the entries; and
+        `DamagedCheckpointError` (a ValueError), naming the file, if reading it fails.
         """
         self.wait()
         folder = check_checkpoint(path, self.model_config)
@@ -465,8 +754,12 @@ class CheckpointManager:
                     _rank(),
                 )
         started = time.perf_counter()
-        with _dcp_context():
-            dcp.load(request, checkpoint_id=folder)
+        try:
+            with _dcp_context():
+                dcp.load(request, storage_reader=_NamingReader(folder))
+        except CheckpointException as e:  # on every rank: DCP gathers the read failures
+            detail = "; ".join(f"rank {rank}: {_short(f)}" for rank, f in _failures(e))
+            raise DamagedCheckpointError(folder, f"reading it failed ({detail})") from e
         for name, value in states.items():
             if not isinstance(value, Stateful):
                 states[name] = request[name]
@@ -490,7 +783,13 @@ def check_checkpoint(path: str | os.PathLike, model_config: LlamaConfig) -> Path
             f"{folder} is not a complete llama_dist checkpoint: it has no "
             f"{MODEL_CONFIG_FILE}; point at a checkpoint written by llama_dist"
         )
-    saved = model_shape(LlamaConfig.from_dict(json.loads(config_path.read_text())))
+    try:
+        saved_config = LlamaConfig.from_dict(json.loads(config_path.read_text()))
+    except (ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
+        raise DamagedCheckpointError(
+            folder, f"{MODEL_CONFIG_FILE} is not a valid model config ({_short(e)})"
+        ) from e
+    saved = model_shape(saved_config)
     current = model_shape(model_config)
     differing = [name for name in _SHAPE_FIELDS if saved[name] != current[name]]
     if differing:

@@ -20,8 +20,17 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 from torch import nn
 
-from llama_dist.checkpoint import CheckpointManager, ModelState, OptimizerState, step_checkpoints
-from llama_dist.config import CheckpointConfig, LoopConfig, OptimConfig
+from llama_dist.checkpoint import (
+    CheckpointManager,
+    DamagedCheckpointError,
+    ModelState,
+    OptimizerState,
+    damage,
+    describe,
+    step_checkpoints,
+    step_of,
+)
+from llama_dist.config import CheckpointConfig, LoopConfig, OptimConfig, validate_checkpoint
 from llama_dist.config_keys import to_typed_config
 from llama_dist.exit_codes import EXIT_STOPPED, EXIT_USER_ERROR
 from llama_dist.lr_schedule import build_lr_scheduler
@@ -32,6 +41,12 @@ from llama_dist.models.flops import flops_per_token
 from llama_dist.parallel import ParallelConfig, build_adamw, build_llama, init_distributed
 from llama_dist.parallel.fsdp import resolve_dtype
 from llama_dist.parallel.mesh import DEFAULT_COLLECTIVE_TIMEOUT_S, explain_collective_timeout
+from llama_dist.train.resume_check import (
+    check_resume,
+    job_record,
+    keep_new_settings,
+    new_settings,
+)
 from llama_dist.train.run_lock import hold_run_folder, release_run_folders
 from llama_dist.train.step import StopSignal, Throughput, TrainState, clip_and_check
 
@@ -314,22 +329,116 @@ def end_of_step(
 
 
 def resume_latest(
-    checkpoints: CheckpointManager, states: dict[str, Any], *, resume: str
+    checkpoints: CheckpointManager,
+    states: dict[str, Any],
+    *,
+    resume: str,
+    job: Any = None,
 ) -> Path | None:
-    """Load the newest complete checkpoint of this run into `states`, if `resume` is auto and
-    there is one; returns its folder. Step folders without DCP's .metadata (a copy without
-    hidden files, a copy cut short) are set aside first, whatever `resume` says, so that they
-    neither hide nor block a step (`CheckpointManager.set_aside_incomplete`)."""
+    """Load the newest intact checkpoint of this run into `states`, if `resume` is auto and
+    there is one; returns its folder.
+
+    Step folders without DCP's .metadata (a copy without hidden files, a copy cut short) are
+    set aside first, whatever `resume` says, so that they neither hide nor block a step
+    (`CheckpointManager.set_aside_incomplete`). With `job`, the loop's validated config:
+
+    - every checkpoint saved from here on records it (job_config.json), and the one resumed
+      from is compared with it before any tensor is loaded (`resume_check.check_resume`: a
+      change of the data position or of what a step means is an error unless
+      job.checkpoint.allow_changes lists it); after the load the new config's optimizer
+      settings replace those saved with the optimizer state (`resume_check.keep_new_settings`);
+    - a damaged newest checkpoint (`checkpoint.damage`, or a read that fails while loading)
+      is an error naming the file and the newest intact earlier checkpoint, or, with
+      job.checkpoint.on_damaged=previous, is renamed step-N.damaged-<time> and the earlier
+      one resumed.
+
+    Rank 0 decides and broadcasts, so every rank loads the same folder even if their views of
+    a shared file system differ for a moment, and all raise the same error.
+    """
+    options = job.checkpoint if job is not None else CheckpointConfig()
+    validate_checkpoint(options)  # PPO's section is validated nowhere else
+    current = None
+    if job is not None:
+        current = job_record(job)
+        checkpoints.job_config = current
     if dist.get_rank() == 0:
         checkpoints.set_aside_incomplete()
-    latest = checkpoints.latest() if resume == "auto" else None
-    # Rank 0 decides, so every rank loads the same folder even if their views of a shared
-    # file system differ for a moment.
-    choice = [latest]
-    dist.broadcast_object_list(choice, src=0)
-    if choice[0] is not None:
-        checkpoints.load(choice[0], states)
-    return choice[0]
+    fresh = new_settings(states)
+    failed: dict[Path, str] = {}  # damage found while loading
+    while True:
+        decision: list[Any] = [(None, None, [])]
+        if dist.get_rank() == 0 and resume == "auto":
+            decision[0] = _choose_checkpoint(checkpoints, states, options, current, failed)
+        dist.broadcast_object_list(decision, src=0)
+        folder, refusal, lines = decision[0]
+        if dist.get_rank() == 0:
+            for level, line in lines:
+                log.log(level, "resume: %s", line)
+        if refusal is not None:
+            raise ValueError(refusal)
+        if folder is None:
+            return None
+        try:
+            checkpoints.load(folder, states)
+        except DamagedCheckpointError as e:  # every rank: DCP gathers the read failures
+            failed[folder] = e.problem
+            continue
+        for line in keep_new_settings(states, fresh):
+            if dist.get_rank() == 0:
+                log.warning("resume: %s", line)
+        return folder
+
+
+def _choose_checkpoint(
+    checkpoints: CheckpointManager,
+    states: dict[str, Any],
+    options: CheckpointConfig,
+    current: dict[str, Any] | None,
+    failed: dict[Path, str],
+) -> tuple[Path | None, str | None, list[tuple[int, str]]]:
+    """Rank 0: (the folder to load, the error to raise, the lines to log)."""
+    if not checkpoints.folder.is_dir():
+        return None, None, []
+    damaged: list[tuple[Path, str]] = []
+    chosen, refusal, lines = None, None, []
+    for _, path in reversed(step_checkpoints(checkpoints.folder)):
+        problem = failed.get(path) or damage(path)
+        if problem is None:
+            try:
+                lines, refusal = check_resume(path, states, current, allow=options.allow_changes)
+            except DamagedCheckpointError as e:
+                problem = e.problem
+        if problem is None:
+            chosen = path
+            break
+        damaged.append((path, problem))
+    if damaged and (options.on_damaged == "error" or chosen is None):
+        return None, _damaged_message(damaged, chosen, checkpoints.folder), []
+    if refusal is not None:
+        return None, refusal, lines
+    for path, problem in damaged:
+        checkpoints.set_aside_damaged(path, problem)
+    return chosen, None, lines
+
+
+def _damaged_message(damaged: list[tuple[Path, str]], intact: Path | None, folder: Path) -> str:
+    newest, problem = damaged[0]
+    text = f"{describe(newest)} is damaged: {problem}."
+    if len(damaged) > 1:
+        more = "; ".join(f"{path.name}: {p}" for path, p in damaged[1:])
+        text += f" Damaged too: {more}."
+    names = ", ".join(path.name for path, _ in damaged)
+    if intact is None:
+        return (
+            f"{text} No earlier intact checkpoint exists: restore {names} from a copy, or start "
+            "another run folder"
+        )
+    return (
+        f"{text} The newest intact earlier checkpoint is {intact.name} (step "
+        f"{step_of(intact)}): to resume from it, run again with checkpoint.on_damaged=previous "
+        f"({names} then renamed <name>.damaged-<time>, not deleted), or move {names} out of "
+        f"{folder} by hand"
+    )
 
 
 @dataclass

@@ -344,7 +344,7 @@ def ppo(cfg: PPOJobConfig, run_dir: Path) -> TrainState:
         "train": state,
         "early_stop": early,
     }
-    latest = resume_latest(checkpoints, states, resume=cfg.checkpoint.resume)
+    latest = resume_latest(checkpoints, states, resume=cfg.checkpoint.resume, job=cfg)
     if latest is not None:
         log.info("resumed from %s at iteration %d", latest, state.step)
     else:

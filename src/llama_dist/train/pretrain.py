@@ -95,7 +95,7 @@ def pretrain(cfg: JobConfig, run_dir: Path) -> TrainState:
     model, state, checkpoints = training.model, training.state, training.checkpoints
     set_attention_backend(model, attention)
 
-    latest = resume_latest(checkpoints, training.states, resume=cfg.checkpoint.resume)
+    latest = resume_latest(checkpoints, training.states, resume=cfg.checkpoint.resume, job=cfg)
     if latest is not None:
         log.info("resumed from %s at step %d", latest, state.step)
     elif cfg.checkpoint.init_from:

@@ -337,7 +337,7 @@ def train_reward_model(cfg: RewardJobConfig, run_dir: Path) -> TrainState:
         total_steps=total_steps,
     )
     model, state, checkpoints = training.model, training.state, training.checkpoints
-    latest = resume_latest(checkpoints, training.states, resume=cfg.checkpoint.resume)
+    latest = resume_latest(checkpoints, training.states, resume=cfg.checkpoint.resume, job=cfg)
     if latest is not None:
         log.info("resumed from %s at step %d", latest, state.step)
     else:

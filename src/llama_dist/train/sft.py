@@ -147,7 +147,7 @@ def sft(cfg: SFTJobConfig, run_dir: Path) -> TrainState:
     )
     model, state, checkpoints = training.model, training.state, training.checkpoints
     set_attention_backend(model, attention)
-    latest = resume_latest(checkpoints, training.states, resume=cfg.checkpoint.resume)
+    latest = resume_latest(checkpoints, training.states, resume=cfg.checkpoint.resume, job=cfg)
     if latest is not None:
         log.info("resumed from %s at step %d", latest, state.step)
     else:
