@@ -8,9 +8,12 @@ Records come in three layouts, converted on load (one file may mix them):
 
 Each dialog is rendered with the Llama 2 chat template (`data.chat.encode_dialog`) and must
 end with an assistant answer. The loss is on answer tokens only: every assistant turn, or
-the last one (`train_on="last"`, what Ghost Attention needs). Token ids and masks are cached
-next to the data file (`FILE.tokens-<key>/`), keyed by the file's and the tokenizer's
-contents, so a rerun does not tokenise again.
+the last one (`train_on="last"`, what Ghost Attention needs). A record may also choose for
+itself with a key `"train_on": "last"` (or `"all"`, the default), so Ghost Attention samples
+(`data.gatt`) train on their last turn only when mixed with ordinary dialogs; `train_on="last"`
+in the config applies to every record whatever its key. Token ids and masks are cached next
+to the data file (`FILE.tokens-<key>/`), keyed by the file's and the tokenizer's contents, so
+a rerun does not tokenise again.
 
 A sample of n tokens gives n - 1 (input, label) pairs. Samples are packed whole into rows of
 `seq_len` pairs; each sample keeps its own document id (attention stays inside it) and its
@@ -44,7 +47,7 @@ FORMATS = ("auto", "messages", "alpaca", "sharegpt")
 TRAIN_ON = ("all", "last")
 OVERLONG = ("truncate", "drop")
 # Bumped whenever the cached arrays would come out differently for the same inputs.
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: a record's own "train_on" narrows its answer_mask
 _SHAREGPT_ROLES = {
     "system": "system",
     "human": "user",
@@ -64,7 +67,9 @@ class SFTDataConfig:
     paths: list[str] = field(default_factory=list)  # JSON or JSONL files, concatenated
     format: str = "auto"  # auto (per record) | messages | alpaca | sharegpt
     seq_len: int = 4096  # (input, label) pairs per packed row (llama2.md: 4096)
-    train_on: str = "all"  # all: every assistant turn | last: the last turn only
+    # all: every assistant turn (a record with "train_on": "last" its last only) | last: the
+    # last turn of every record
+    train_on: str = "all"
     pack: bool = True  # several samples per row; false: one sample per row, padded
     overlong: str = "truncate"  # a sample longer than seq_len: truncate (keep its start) | drop
     skip_invalid: bool = False  # count and report malformed records instead of failing
@@ -170,6 +175,14 @@ def to_dialog(record: Any, fmt: str = "auto") -> list[dict[str, str]]:
     raise ValueError(f"data.format={fmt!r} must be one of {FORMATS}")
 
 
+def record_train_on(record: dict) -> str:
+    """The record's own choice of trained turns: its "train_on" key, "all" when absent."""
+    value = record.get("train_on", "all")
+    if value not in TRAIN_ON:
+        raise ValueError(f"the record's 'train_on'={value!r} must be one of {TRAIN_ON}")
+    return value
+
+
 def check_sft_dialog(dialog: Sequence[dict[str, str]]) -> None:
     """What SFT needs beyond a valid chat: an answer at the end, and no empty answer."""
     if not dialog or dialog[-1].get("role") != "assistant":
@@ -185,7 +198,7 @@ class TokenizedDialogs:
     """Token ids of many dialogs in flat arrays; sample i is [offsets[i], offsets[i + 1])."""
 
     ids: np.ndarray  # int32
-    answer_mask: np.ndarray  # bool: every assistant turn
+    answer_mask: np.ndarray  # bool: every assistant turn (the last only if the record asks)
     last_mask: np.ndarray  # bool: the last assistant turn only
     offsets: np.ndarray  # int64, num_samples + 1
     skipped: list[str]  # "where: why" of each malformed record left out
@@ -230,6 +243,7 @@ def tokenize_file(
             dialog = to_dialog(record, fmt)
             tokens = encode_dialog(tokenizer, dialog)  # validates the chat itself first
             check_sft_dialog(dialog)
+            own_train_on = record_train_on(record)
         except ValueError as e:
             if not skip_invalid:
                 raise ValueError(
@@ -239,8 +253,11 @@ def tokenize_file(
             skipped.append(f"{where}: {e}")
             continue
         ids += tokens.ids
-        answer += tokens.answer_mask
-        last += tokens.last_answer_mask()
+        last_mask = tokens.last_answer_mask()
+        # answer_mask is what train_on="all" trains on: a record asking for its last turn
+        # narrows it, so it can be mixed with ordinary dialogs in one job.
+        answer += last_mask if own_train_on == "last" else tokens.answer_mask
+        last += last_mask
         offsets.append(len(ids))
     return TokenizedDialogs(
         ids=np.asarray(ids, dtype=np.int32),
