@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import random
 import sys
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from llama_dist.data.gatt import (  # noqa: E402
     read_gatt_dialogs,
     sample_answers,
     synthetic_words,
+    with_instructions,
     write_baseline_data,
     write_gatt_data,
     write_synthetic_dialogs,
@@ -228,6 +230,9 @@ def test_adherence_table(tmp_path, dialogs):
     assert all(f in (1.0, None) for row in remembering.rows().values() for f in row)
     never = evaluate_adherence(RuleResponder(follow="never"), mixed, num_turns=2)
     assert never.rows()["all"] == [0.0, 0.0]
+    longer = evaluate_adherence(RuleResponder(follow="dialog"), mixed, num_turns=TURNS + 1)
+    assert longer.rows()["all"] == [1.0] * TURNS + [None]
+    assert evaluate_adherence(RuleResponder(), [], num_turns=2).rows() == {"all": [None, None]}
 
     text = forgetting.markdown()
     assert text.splitlines()[0] == "| instruction | turn 1 | turn 2 | turn 3 | turn 4 |"
@@ -328,3 +333,36 @@ def test_a_records_train_on_must_be_known(tmp_path, tokenizer):
         SFTData(
             SFTDataConfig(paths=[str(path)], seq_len=64, cache=False), tokenizer, write_cache=False
         )
+
+
+def test_dialogs_from_sft_records_get_instructions(tmp_path):
+    sft = {
+        "messages": [
+            {"role": "user", "content": "repeat: the cat"},
+            {"role": "assistant", "content": "the cat"},
+            {"role": "user", "content": "repeat: a dog"},
+            {"role": "assistant", "content": "a dog"},
+        ]
+    }
+    path = write_jsonl(tmp_path / "d.jsonl", [sft, {"users": ["repeat: sun"]}])
+    dialogs = read_gatt_dialogs(path)
+    assert [d.users for d in dialogs] == [("repeat: the cat", "repeat: a dog"), ("repeat: sun",)]
+    assert all(d.instruction is None for d in dialogs)
+    filled = with_instructions(dialogs, random.Random(0), require_check=True)
+    assert all(d.instruction.checks for d in filled)
+    with pytest.raises(ValueError, match="has no instruction"):
+        sample_answers(dialogs, RuleResponder())
+    with pytest.raises(ValueError, match=r"d.jsonl:1: 'users' must be a list"):
+        read_gatt_dialogs(write_jsonl(tmp_path / "d.jsonl", [{"users": "repeat: a"}]))
+
+
+def test_one_sample_per_dialog_and_empty_answers(tmp_path, dialogs):
+    def quiet_after_two(views):
+        # Answers the first two turns only: the dialogs end there.
+        return ["" if len(v) > 3 else "the cat" for v in views]
+
+    summary = write_gatt_data(tmp_path / "g.jsonl", dialogs, quiet_after_two, per_turn=False)
+    records = [json.loads(line) for line in (tmp_path / "g.jsonl").read_text().splitlines()]
+    assert summary["dialogs_cut_short"] == len(dialogs) == len(records)
+    assert all(r["gatt"]["turn"] == r["gatt"]["turns"] == 2 for r in records)
+    assert all(sum(m["role"] == "user" for m in r["messages"]) == 2 for r in records)

@@ -111,7 +111,7 @@ def read_gatt_dialogs(path: str | os.PathLike) -> list[GattDialog]:
             instruction = None
             if record.get("instruction") is not None:
                 instruction = instruction_from_json(record["instruction"])
-        except (ValueError, TypeError, KeyError) as e:
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise ValueError(f"{where}: {e}") from None
         out.append(GattDialog(tuple(users), instruction))
     return out
@@ -180,6 +180,10 @@ def conversation(
     return messages
 
 
+def max_turns(dialogs: Sequence[GattDialog]) -> int:
+    return max((len(d.users) for d in dialogs), default=0)
+
+
 def sample_answers(
     dialogs: Sequence[GattDialog],
     respond: Responder,
@@ -192,15 +196,13 @@ def sample_answers(
 
     augmented: the responder sees the instruction (in full) before every user message, as
     GAtt samples; otherwise it sees it once, in the first turn (`instruction.text` placed as
-    `placement` says), as a user would give it. `respond` is called once per turn with the
-    dialogs still running (possibly none), `num_turns` times (default: the longest dialog's
-    turns), so that ranks sampling together on a mesh call it equally often. A dialog whose
-    answer comes back empty ends before that turn.
+    `placement` says), as a user would give it. Dialogs run for up to `num_turns` turns
+    (default: the longest dialog's); `respond` is called once per turn with the dialogs still
+    running, even none, so that ranks sampling together on a mesh (each with its own dialogs
+    and the same `num_turns`) call it equally often. A dialog whose answer comes back empty
+    ends before that turn.
     """
-    longest = max((len(d.users) for d in dialogs), default=0)
-    num_turns = longest if num_turns is None else num_turns
-    if num_turns < longest:
-        raise ValueError(f"num_turns={num_turns} is fewer than the longest dialog's {longest}")
+    num_turns = max_turns(dialogs) if num_turns is None else num_turns
     answers: list[list[str]] = [[] for _ in dialogs]
     running = [True] * len(dialogs)
     for t in range(num_turns):
@@ -252,7 +254,8 @@ def build_records(
     records = []
     for d, said in zip(dialogs, answers, strict=True):
         instruction, num = _instruction(d), len(said)
-        for t in range(1, num + 1) if per_turn else [num] if num else []:
+        ends = range(1, num + 1) if per_turn else range(num, num + 1) if num else range(0)
+        for t in ends:
             record = build_sample(d.users[:t], said[:t], instruction.text, placement=placement)
             record["gatt"] = {"instruction": instruction.to_json(), "turn": t, "turns": num}
             records.append(record)
@@ -302,6 +305,7 @@ def _summary(
         "dialogs": len(dialogs),
         "records": len(records),
         "answers": sum(len(a) for a in answers),
+        # Answered fewer turns than they have: an empty answer, or num_turns reached.
         "dialogs_cut_short": sum(
             len(a) < len(d.users) for d, a in zip(dialogs, answers, strict=True)
         ),
@@ -381,7 +385,8 @@ def model_responder(
     call generated in batches of `micro_batch` (`generate`). With a `mesh` (a sharded model,
     or its `consolidated_for_generation` copy), every rank calls it together with its own
     dialogs and each call is one `generate_distributed`. Call k draws from a generator
-    seeded by (seed, k), so a rerun samples the same answers."""
+    seeded by (seed, k), so a rerun samples the same answers. A dialog too long for the
+    model's max_seq_len with max_new_tokens is a ValueError from `generate`."""
     device = next(model.parameters()).device
     calls = [0]
 

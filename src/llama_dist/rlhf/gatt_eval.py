@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from llama_dist.data.chat import encode_dialog
-from llama_dist.data.gatt import GattDialog, Responder, conversation
+from llama_dist.data.gatt import GattDialog, Responder, conversation, max_turns
 from llama_dist.models.llama import Attention, Llama, apply_rotary
 from llama_dist.tokenizer import Tokenizer
 
@@ -66,7 +66,7 @@ class AdherenceTable:
 
     def fraction(self, kind: str, turn: int) -> float | None:
         """Share of the answers at `turn` (1-based) that passed; None when none were given."""
-        counted = self.counted[kind][turn - 1]
+        counted = self.counted.get(kind, [0] * self.num_turns)[turn - 1]
         return self.passed[kind][turn - 1] / counted if counted else None
 
     def rows(self) -> dict[str, list[float | None]]:
@@ -90,7 +90,8 @@ def evaluate_adherence(
 ) -> AdherenceTable:
     """Talk through every dialog, up to `num_turns` turns (default: the longest dialog's),
     the instruction in the first user turn only, and check every answer. One `respond` call
-    per turn holds every dialog still running, so a model responder batches them."""
+    per turn holds every dialog still running (even none: ranks evaluating together on a mesh
+    with the same `num_turns` call it equally often), so a model responder batches them."""
     unchecked = [
         i for i, d in enumerate(dialogs) if d.instruction is None or not d.instruction.checks
     ]
@@ -99,8 +100,7 @@ def evaluate_adherence(
             f"dialogs {unchecked[:5]} have no instruction with a check, so adherence cannot be "
             "measured; give each an instruction with a checkable rule (require_check=True)"
         )
-    longest = max((len(d.users) for d in dialogs), default=0)
-    num_turns = longest if num_turns is None else min(num_turns, longest)
+    num_turns = max_turns(dialogs) if num_turns is None else num_turns
     table = AdherenceTable(num_turns=num_turns, answers=[[] for _ in dialogs])
     for t in range(num_turns):
         active = [i for i, d in enumerate(dialogs) if len(d.users) > t]
