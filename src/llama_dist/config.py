@@ -20,6 +20,8 @@ from llama_dist.data.reward_data import RewardDataConfig
 from llama_dist.data.sft import SFTDataConfig
 from llama_dist.models.config import LlamaConfig, RopeScaling, get_preset
 from llama_dist.parallel.config import ACConfig, ParallelConfig
+from llama_dist.planner.launch_check import resolve_job_grad_sync
+from llama_dist.rlhf.context_distillation import ANSWER_TEMPLATES, PLACEMENTS, SAFETY_ADJECTIVES
 
 # Peak learning rates: llama2.md ("Pretraining"), and larger ones for the small presets,
 # which tolerate (and need, to learn in minutes) a higher rate.
@@ -445,6 +447,124 @@ class PPOJobConfig:
     run_name: str = "ppo"
 
 
+@dataclass
+class PromptGenerationConfig:
+    """How a stage that answers a prompt set generates (context distillation, safety
+    evaluation): the prompts go in fixed batches, each seeded by its first prompt, so the
+    same prompts get the same answers whatever the number of ranks."""
+
+    temperature: float = 0.6  # 0: greedy; 0.6 / top_p 0.9 are Meta's chat defaults
+    top_p: float = 0.9
+    top_k: int = 0
+    max_new_tokens: int = 256
+    prompts_per_batch: int = 8  # prompts per generation call (a batch is one rank's)
+    seed: int = 0
+
+    def validate(self, section: str) -> PromptGenerationConfig:
+        if self.max_new_tokens < 1 or self.prompts_per_batch < 1:
+            raise ValueError(
+                f"{section}.max_new_tokens and {section}.prompts_per_batch must be >= 1"
+            )
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError(
+                f"{section}.temperature must be >= 0 (0: greedy), {section}.top_p in (0, 1] "
+                f"and {section}.top_k >= 0"
+            )
+        return self
+
+
+@dataclass
+class PrepromptConfig:
+    """The safety pre-prompt (rlhf/context_distillation.py): "You are a A and B assistant."
+    from `num_adjectives` of `adjectives`, drawn per prompt, then the answer template of the
+    prompt's risk category."""
+
+    adjectives: list[str] = field(default_factory=lambda: list(SAFETY_ADJECTIVES))
+    num_adjectives: int = 2
+    # risk category -> how to answer such a prompt; a prompt of another category is an error
+    templates: dict[str, str] = field(default_factory=lambda: dict(ANSWER_TEMPLATES))
+    use_templates: bool = True  # false: the adjective sentence only, whatever the category
+    # system: the pre-prompt is the system message (before the prompt's own); prefix: it
+    # opens the last user message
+    placement: str = "system"
+    seed: int = 0  # with the prompt's key, draws its adjectives
+
+    def validate(self) -> PrepromptConfig:
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"preprompt.placement={self.placement!r} must be one of {PLACEMENTS}")
+        if not 1 <= self.num_adjectives <= len(self.adjectives):
+            raise ValueError(
+                f"preprompt.num_adjectives={self.num_adjectives} must be in "
+                f"1..{len(self.adjectives)} (the number of preprompt.adjectives)"
+            )
+        return self
+
+
+def _cd_sampling() -> PromptGenerationConfig:
+    return PromptGenerationConfig(temperature=0.6, top_p=0.9)
+
+
+@dataclass
+class ContextDistillationJobConfig:
+    """Safety context distillation (llama2.md, "Safety context distillation"): the policy
+    answers each safety-tagged prompt without and with a safety pre-prompt, the Safety RM
+    keeps the pre-prompted answer where it scores higher, and the policy is fine-tuned on
+    (prompt without the pre-prompt, kept answer)."""
+
+    policy: str | None = None  # the checkpoint to sample from (and to fine-tune)
+    tokenizer: str | None = None
+    # JSON / JSONL prompt files: the safety_tagged prompts are distilled; the others are the
+    # helpful prompts whose Helpfulness RM score is compared before and after fine-tuning
+    prompts: list[str] = field(default_factory=list)
+    skip_invalid: bool = False
+    safety_rm: str | None = None  # a Safety RM checkpoint (required): the gate
+    helpfulness_rm: str | None = None  # a Helpfulness RM: the helpful prompts' check (optional)
+    preprompt: PrepromptConfig = field(default_factory=PrepromptConfig)
+    sampling: PromptGenerationConfig = field(default_factory=_cd_sampling)
+    micro_batch: int = 8  # sequences per reward-model forward per rank
+    max_len: int = 4096  # longer prompt + response keep bos and their end when scored
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    device: str = "auto"  # auto | cpu | cuda
+    collective_timeout_s: float = 600.0  # a collective that waits longer fails, naming ranks
+    finetune: bool = True  # fine-tune on the kept set (the sft section; its layout is ours)
+    sft: SFTJobConfig = field(default_factory=_rs_sft)
+    run_name: str = "context-distillation"
+
+
+def _eval_sampling() -> PromptGenerationConfig:
+    # Greedy: every checkpoint answers the same prompts the same deterministic way.
+    return PromptGenerationConfig(temperature=0.0, top_p=1.0)
+
+
+@dataclass
+class SafetyEvalJobConfig:
+    """The safety evaluation (rlhf/safety_eval.py): each checkpoint answers the same prompts
+    with the same sampling; per checkpoint and risk category, the violation rate and the mean
+    helpfulness."""
+
+    checkpoints: list[str] = field(default_factory=list)  # language-model checkpoints, in order
+    names: list[str] = field(default_factory=list)  # one per checkpoint; empty: their paths
+    tokenizer: str | None = None
+    # JSON / JSONL prompt files: safety_tagged prompts (with a risk_category) and helpful ones
+    prompts: list[str] = field(default_factory=list)
+    skip_invalid: bool = False
+    # The risk categories a prompt may name (another is an error: a typo would be a category)
+    categories: list[str] = field(default_factory=lambda: list(ANSWER_TEMPLATES))
+    safety_rm: str | None = None  # a Safety RM checkpoint (required)
+    helpfulness_rm: str | None = None  # a Helpfulness RM checkpoint (required)
+    # A rule that judges answers where one is known (synthetic: data.preference's rule);
+    # none: a violation is a Safety RM score below safety_threshold
+    judge: str = "none"
+    safety_threshold: float = 0.5  # on the Safety RM's sigmoid score, when judge=none
+    sampling: PromptGenerationConfig = field(default_factory=_eval_sampling)
+    micro_batch: int = 8  # sequences per reward-model forward per rank
+    max_len: int = 4096  # longer prompt + response keep bos and their end when scored
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    device: str = "auto"  # auto | cpu | cuda
+    collective_timeout_s: float = 600.0  # a collective that waits longer fails, naming ranks
+    run_name: str = "safety-eval"
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="job_schema", node=JobConfig)
@@ -452,6 +572,8 @@ def register_configs() -> None:
     cs.store(name="reward_schema", node=RewardJobConfig)
     cs.store(name="rejection_sampling_schema", node=RejectionSamplingJobConfig)
     cs.store(name="ppo_schema", node=PPOJobConfig)
+    cs.store(name="context_distillation_schema", node=ContextDistillationJobConfig)
+    cs.store(name="safety_eval_schema", node=SafetyEvalJobConfig)
 
 
 def to_job_config(cfg: Any) -> JobConfig:
@@ -474,6 +596,11 @@ def validate_job(cfg: JobConfig, world_size: int) -> LlamaConfig:
     cfg.parallel.validate(world_size, model, seq_len=seq_len)
 
     validate_batch(cfg.train, seq_len=seq_len, dp=cfg.parallel.dp)
+    # parallel.grad_sync=auto needs the accumulation and the device's memory.
+    device_type = run_device_type(cfg.train.device)
+    resolve_job_grad_sync(
+        model, parallel=cfg.parallel, train=cfg.train, seq_len=seq_len, device_type=device_type
+    )
     if cfg.train.steps is None:
         raise ValueError("train.steps must be set for pretraining (e.g. train.steps=1000)")
     validate_optim(cfg.optim, steps=cfg.train.steps, default_lr=PEAK_LR.get(cfg.model.preset, 3e-4))

@@ -10,6 +10,7 @@ from llama_dist.checkpoint.manager import (
     check_checkpoint,
     damage,
     describe,
+    load_alone,
     rng_state,
     set_rng_state,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "check_checkpoint",
     "damage",
     "describe",
+    "load_alone",
     "find_checkpoint",
     "load_model_checkpoint",
     "rng_state",

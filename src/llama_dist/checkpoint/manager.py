@@ -46,6 +46,7 @@ import random
 import shutil
 import threading
 import time
+import warnings
 from collections.abc import Iterator, Mapping, MutableMapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -291,6 +292,20 @@ class _NamingReader(dcp.FileSystemReader):
             return super().read_data(plan, planner)
         except Exception as e:
             raise RuntimeError(f"{self.fs.opened}: {_short(e)}") from e
+
+
+def load_alone(request: dict[str, Any], folder: Path) -> None:
+    """Fill `request` from the checkpoint in `folder` in this process alone (no collectives,
+    e.g. a few small entries read before the real load); a failed read is a
+    DamagedCheckpointError naming the file."""
+    try:
+        with warnings.catch_warnings():
+            # DCP warns whenever it runs without collectives, as asked to here.
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(request, storage_reader=_NamingReader(folder), no_dist=True)
+    except CheckpointException as e:
+        detail = "; ".join(f"rank {rank}: {_short(f)}" for rank, f in _failures(e))
+        raise DamagedCheckpointError(folder, f"reading it failed ({detail})") from e
 
 
 def _failures(error: BaseException) -> list[tuple[int, BaseException]]:

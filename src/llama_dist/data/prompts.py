@@ -2,7 +2,10 @@
 
 A record is one of (detected per record):
     {"prompt": str | [{"role", "content"}, ...], "system": str (optional),
-     "safety_tagged": bool (optional: the prompt belongs to the safety set)}
+     "safety_tagged": bool (optional: the prompt belongs to the safety set),
+     "risk_category": str (optional: the kind of risk of an adversarial prompt, e.g.
+        "illicit_criminal_activities"; safety context distillation picks its answer
+        template by it, the safety evaluation reports per category)}
     a preference record (prompt/chosen/rejected or ShareGPT conversations/chosen/rejected):
         its prompt
     an SFT record (messages, Alpaca, ShareGPT conversations): the dialog without its final
@@ -32,6 +35,7 @@ class Prompt:
     dialog: list[dict[str, str]]  # ends with a user message
     safety_tagged: bool
     where: str  # file and line
+    risk_category: str | None = None  # the record's "risk_category", if any
 
 
 def prompt_key(dialog: Sequence[Mapping[str, str]]) -> str:
@@ -76,6 +80,11 @@ def read_prompts(paths: Sequence[str | os.PathLike], *, skip_invalid: bool = Fal
                 if isinstance(record, ValueError):
                     raise record
                 dialog, tagged = parse_prompt(record)
+                category = record.get("risk_category")
+                if category is not None and not (isinstance(category, str) and category):
+                    raise ValueError(
+                        f"'risk_category' must be a non-empty string or absent, got {category!r}"
+                    )
             except ValueError as e:
                 if skip_invalid:
                     continue
@@ -85,7 +94,7 @@ def read_prompts(paths: Sequence[str | os.PathLike], *, skip_invalid: bool = Fal
             key = prompt_key(dialog)
             if key not in seen:
                 seen.add(key)
-                prompts.append(Prompt(key, dialog, tagged, where))
+                prompts.append(Prompt(key, dialog, tagged, where, category))
     if not prompts:
         raise ValueError(f"no usable prompts in {[str(p) for p in paths]}")
     return prompts

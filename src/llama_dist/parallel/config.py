@@ -2,7 +2,9 @@
 
 world = dp_replicate x dp_shard x tp. pp and cp are named axes reserved for pipeline and
 context parallelism; they must be 1 for now. `ParallelConfig.validate` checks a layout against
-the world size and the model before any process group or model exists.
+the world size and the model before any process group or model exists. The pretraining job's
+validation then resolves `grad_sync=auto` and checks the per-GPU memory with the planner
+(`llama_dist.planner.launch_check`).
 """
 
 from __future__ import annotations
@@ -10,10 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from llama_dist.models.config import LlamaConfig
+from llama_dist.planner.hardware import GPUS
 
 AC_MODES = ("none", "full", "selective")
 RESHARD_POLICIES = ("always", "never", "default")
-GRAD_SYNC_POLICIES = ("last", "every")
+GRAD_SYNC_POLICIES = ("last", "every", "auto")
+MEMORY_CHECKS = ("error", "warn", "off")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 
 
@@ -64,7 +68,17 @@ class ParallelConfig:
     # Gradient accumulation: reduce gradients on the last micro-batch only ("last": least
     # communication, but FSDP keeps the whole model's unsharded gradients in between) or on
     # every micro-batch ("every": reduce-scatters each time, only sharded gradients are kept).
-    grad_sync: str = "last"
+    # auto: the pretraining job's validation picks "every" when the planner's estimate with
+    # "last" does not fit the device's memory, else "last" (also where the memory is unknown:
+    # CPU runs without parallel.gpu). Loops that do not resolve it reduce on the last one.
+    grad_sync: str = "auto"  # last | every | auto
+    # The GPU whose memory the pre-launch check plans for, named as in the planner's table
+    # (llama_dist/planner/hardware.py: a100-40g, a100-80g, h100-sxm, h200). On CUDA the device's
+    # own memory is used instead; on CPU, without it, the memory is unknown and not checked.
+    gpu: str | None = None
+    # Estimated per-GPU memory over the device's: error (before any process group) | warn
+    # (run anyway) | off (no estimate).
+    memory_check: str = "error"
     ac: ACConfig = field(default_factory=ACConfig)
     compile: bool = False  # torch.compile each transformer block
 
@@ -140,6 +154,15 @@ class ParallelConfig:
         if self.grad_sync not in GRAD_SYNC_POLICIES:
             raise ValueError(
                 f"parallel.grad_sync={self.grad_sync!r} must be one of {GRAD_SYNC_POLICIES}"
+            )
+        if self.memory_check not in MEMORY_CHECKS:
+            raise ValueError(
+                f"parallel.memory_check={self.memory_check!r} must be one of {MEMORY_CHECKS}"
+            )
+        if self.gpu is not None and self.gpu not in GPUS:
+            raise ValueError(
+                f"parallel.gpu={self.gpu!r} is not in the planner's table; use one of "
+                f"{sorted(GPUS)}, or leave it unset"
             )
         if self.forward_prefetch < 0 or self.backward_prefetch < 0:
             raise ValueError("parallel.forward_prefetch/backward_prefetch must be >= 0")

@@ -11,7 +11,8 @@ recomputation). The terms below are the same bookkeeping for this library's Llam
 differs from GPT in ways that matter:
 
 - flash attention keeps no s x s scores (the 5 a s term becomes a 4-byte log-sum-exp per head),
-  but keeps q, k and v after grouped-query expansion and its output;
+  but keeps q, k and v and its output; with grouped-query attention k and v are kept at the
+  kv heads' width (SDPA's enable_gqa shares them without expanding them to every query head);
 - SwiGLU keeps four f-wide tensors (w1 out, w3 out, silu out, the product), GeLU's MLP two 4h;
 - RMSNorm normalises in fp32 (as Meta's reference does), so it keeps an fp32 copy of its input;
 - there is no dropout, so no masks;
@@ -24,7 +25,7 @@ quantities on CPU (MemTracker) for every policy; they agree to within bytes (the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from llama_dist.models.config import LlamaConfig
 
@@ -40,20 +41,22 @@ class Layout:
     dp_replicate: int = 1
     micro_batch: int = 1
     ac: str = "selective"  # none | selective | full
+    ac_every: int = 1  # full: recompute every k-th block (the others keep everything)
     sequence_parallel: bool = True
     # FSDP: free the gathered weights after forward ("default": all groups but the last) or keep
     # them until backward ("never": no second all-gather, the unsharded model stays resident).
     reshard_after_forward: str = "default"
     # Reduce-scatter gradients on every micro-batch ("every") or only on the last ("last", which
-    # keeps unsharded gradients between micro-batches).
+    # keeps unsharded gradients between micro-batches); "auto" is resolved by
+    # `resolve_grad_sync` against a memory budget before anything is estimated.
     grad_sync: str = "last"
-    reduce_dtype: str = "fp32"  # gradient reduce-scatter dtype: fp32 | bf16
+    reduce_dtype: str = "fp32"  # gradient reduce-scatter dtype: fp32 | bf16 | fp16
     compile: bool = False  # torch.compile per block (fused element-wise kernels)
 
     @property
     def reduce_bytes(self) -> int:
-        if self.reduce_dtype not in ("fp32", "bf16"):
-            raise ValueError(f"reduce_dtype {self.reduce_dtype!r} must be fp32 or bf16")
+        if self.reduce_dtype not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"reduce_dtype {self.reduce_dtype!r} must be fp32, bf16 or fp16")
         return 4 if self.reduce_dtype == "fp32" else 2
 
     @property
@@ -77,17 +80,19 @@ class Layout:
             reduce_dtype=self.reduce_dtype,
             grad_sync=self.grad_sync,
             compile=self.compile,
-            ac=ACConfig(mode=self.ac),
+            ac=ACConfig(mode=self.ac, every=self.ac_every),
         )
 
     def overrides(self) -> list[str]:
         """The pretraining job's Hydra overrides for this layout."""
+        every = [f"parallel.ac.every={self.ac_every}"] if self.ac_every != 1 else []
         return [
             f"parallel.tp={self.tp}",
             f"parallel.dp_shard={self.dp_shard}",
             f"parallel.dp_replicate={self.dp_replicate}",
             f"parallel.sequence_parallel={str(self.sequence_parallel).lower()}",
             f"parallel.ac.mode={self.ac}",
+            *every,
             f"parallel.reshard_after_forward={self.reshard_after_forward}",
             f"parallel.grad_sync={self.grad_sync}",
             f"parallel.reduce_dtype={self.reduce_dtype}",
@@ -100,7 +105,8 @@ class Layout:
             f"{self.dp_replicate}x{self.dp_shard}" if self.dp_replicate > 1 else f"{self.dp_shard}"
         )
         compiled = " compiled" if self.compile else ""
-        return f"tp{self.tp} dp{hsdp} mb{self.micro_batch} ac={self.ac}{compiled}"
+        every = f"/{self.ac_every}" if self.ac_every != 1 else ""
+        return f"tp{self.tp} dp{hsdp} mb{self.micro_batch} ac={self.ac}{every}{compiled}"
 
 
 def _check_ac(ac: str) -> None:
@@ -141,7 +147,7 @@ def layer_activation_terms(
     return {
         "attention RMSNorm (fp32 input, rstd, normed)": norm,
         "wq/wk/wv input": p * h,
-        "q, k, v after GQA expansion (attention inputs)": 3 * p * h / t,
+        "q, k, v (attention inputs, k and v not expanded)": p * (h + 2 * kd) / t,
         "attention output (also the wo input) + log-sum-exp": p * h / t + 4 * a / t,
         "FFN RMSNorm (fp32 input, rstd, normed)": norm,
         "w1/w3 input": p * h,
@@ -156,9 +162,9 @@ def layer_elementwise_bytes(
 
     Eager, each op of `models/llama.py` reads its inputs and writes its output: an RMSNorm
     (cast to fp32, normalise, cast back, scale) moves 24 bytes per element in bf16, the fp32
-    complex rotary of q and k 20 (cast, one complex product, cast back), the GQA expansion of
-    k and v 2 (read) + 2 x n_rep (write), SwiGLU's silu and product 10 per FFN element, each
-    residual add 6 (bf16 figures).
+    complex rotary of q and k 20 (cast, one complex product, cast back), SwiGLU's silu and
+    product 10 per FFN element, each residual add 6 (bf16 figures). Grouped-query attention
+    moves nothing extra: SDPA's enable_gqa reads the shared k and v heads in place.
     Compiled (fused), a layer moves about what it keeps for backward, written once and read
     once.
     """
@@ -170,9 +176,8 @@ def layer_elementwise_bytes(
     ts = tp if (sp and tp > 1) else 1
     norms_and_adds = 2 * (4 * p + 16) * h / ts + 2 * 3 * p * h / ts
     rotary = (16 + 2 * p) * (h + kd) / t
-    gqa = 2 * p * (kd + h) / t if cfg.n_heads != cfg.num_kv_heads else 0.0
     swiglu = 5 * p * f / t
-    return norms_and_adds + rotary + gqa + swiglu
+    return norms_and_adds + rotary + swiglu
 
 
 def layer_activation_bytes(cfg: LlamaConfig, **kw) -> float:
@@ -215,6 +220,9 @@ class MemoryEstimate:
     activations_transient: float  # one layer recomputed in backward, or the loss's logits
     tokens: int  # tokens per micro-batch
     local_params: float
+    # The part of fsdp_buffers that is the whole model's unsharded gradients, kept between
+    # micro-batches by grad_sync=last.
+    unsharded_grads: float = 0.0
 
     @property
     def model_state(self) -> float:
@@ -225,6 +233,11 @@ class MemoryEstimate:
         return self.activations_kept + self.activations_transient
 
     @property
+    def in_flight(self) -> float:
+        """FSDP buffers other than the gradients kept between micro-batches."""
+        return self.fsdp_buffers - self.unsharded_grads
+
+    @property
     def total(self) -> float:
         return self.model_state + self.fsdp_buffers + self.activations
 
@@ -233,7 +246,8 @@ class MemoryEstimate:
             ("parameters (fp32 shards)", self.params),
             ("gradients (fp32 shards)", self.grads),
             ("AdamW state (fp32 shards)", self.optimizer),
-            ("FSDP buffers (gathered weights, unsharded grads)", self.fsdp_buffers),
+            ("FSDP buffers (gathered weights, grads in flight)", self.in_flight),
+            ("unsharded grads kept between micro-batches", self.unsharded_grads),
             ("activations kept for backward", self.activations_kept),
             ("activations transient (recompute / logits)", self.activations_transient),
             ("total", self.total),
@@ -264,6 +278,11 @@ def estimate_memory(
 ) -> MemoryEstimate:
     """Peak per-device bytes of a layout (fp32 master weights, bf16 compute by default)."""
     _check_ac(layout.ac)
+    if layout.grad_sync not in ("last", "every"):
+        raise ValueError(
+            f"grad_sync {layout.grad_sync!r} must be last or every; resolve auto against a "
+            "memory budget first (resolve_grad_sync)"
+        )
     t, sp = layout.tp, layout.sequence_parallel
     reduce_bytes = layout.reduce_bytes
     tokens = layout.micro_batch * seq_len
@@ -279,14 +298,21 @@ def estimate_memory(
     buffers += param_bytes * root + reduce_bytes * root
     if layout.reshard_after_forward == "never" and layout.dp_shard > 1:
         buffers += param_bytes * blk * (cfg.n_layers - 2)  # every block stays gathered
+    unsharded_grads = 0.0
     if layout.grad_sync == "last" and grad_accum > 1 and layout.dp > 1:
         # Between micro-batches FSDP keeps the whole model's unsharded gradients (reduce dtype).
-        buffers += reduce_bytes * (blk * cfg.n_layers + root)
+        unsharded_grads = reduce_bytes * (blk * cfg.n_layers + root)
+        buffers += unsharded_grads
 
     per_layer = layer_activation_bytes(cfg, p=act_bytes, tp=t, sp=sp, ac=layout.ac)
     head = sum(
         head_activation_terms(cfg, p=act_bytes, tp=t, sp=sp, loss_parallel=loss_parallel).values()
     )
+    # Full recomputation of every k-th block (blocks 0, k, 2k, ...): the others keep everything.
+    recomputed = -(-cfg.n_layers // layout.ac_every) if layout.ac == "full" else cfg.n_layers
+    if recomputed < cfg.n_layers:
+        plain = layer_activation_bytes(cfg, p=act_bytes, tp=t, sp=sp, ac="none")
+        per_layer = (recomputed * per_layer + (cfg.n_layers - recomputed) * plain) / cfg.n_layers
     kept = tokens * (cfg.n_layers * per_layer + head)
     recompute = 0.0
     if layout.ac != "none":
@@ -302,4 +328,38 @@ def estimate_memory(
         activations_transient=max(recompute, logits),
         tokens=tokens,
         local_params=n_local,
+        unsharded_grads=unsharded_grads if gathered else 0.0,
+    )
+
+
+def resolve_grad_sync(
+    cfg: LlamaConfig,
+    layout: Layout,
+    *,
+    budget_bytes: float | None,
+    seq_len: int,
+    grad_accum: int,
+    **estimate_kw,
+) -> tuple[str, str]:
+    """(grad_sync, why) for a layout with grad_sync=auto: "every" when the unsharded gradients
+    kept by "last" would not fit beside the rest in `budget_bytes`, else "last" (also when the
+    budget is unknown: None). An explicit "last" or "every" is returned as it is."""
+    if layout.grad_sync != "auto":
+        return layout.grad_sync, "set explicitly"
+    kw = dict(seq_len=seq_len, grad_accum=grad_accum, **estimate_kw)
+    last = estimate_memory(cfg, replace(layout, grad_sync="last"), **kw)
+    if not last.unsharded_grads:
+        return "last", "nothing is kept between micro-batches (one micro-batch per step or dp 1)"
+    grads = f"{last.unsharded_grads / GIB:.1f} GiB"
+    if budget_bytes is None:
+        return "last", f"device memory unknown; last keeps {grads} of unsharded gradients"
+    if last.total <= budget_bytes:
+        return "last", (
+            f"with last's {grads} of unsharded gradients the estimate, "
+            f"{last.total / GIB:.1f} GiB, fits the {budget_bytes / GIB:.1f} GiB budget"
+        )
+    rest = last.total - last.unsharded_grads
+    return "every", (
+        f"last's {grads} of unsharded gradients would not fit beside the rest "
+        f"({rest / GIB:.1f} GiB) in the {budget_bytes / GIB:.1f} GiB budget"
     )

@@ -4,11 +4,11 @@ sync) that divides the job, estimated for memory and speed; the fastest that fit
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from llama_dist.models.config import LlamaConfig
 from llama_dist.planner.hardware import GIB, GPU
-from llama_dist.planner.memory import Layout, MemoryEstimate, estimate_memory
+from llama_dist.planner.memory import Layout, MemoryEstimate, estimate_memory, resolve_grad_sync
 from llama_dist.planner.perf import StepEstimate, estimate_step
 
 
@@ -19,6 +19,7 @@ class SearchSpace:
     ac: list[str] = field(default_factory=lambda: ["none", "selective", "full"])
     hsdp: bool = True  # also try replicas of smaller FSDP groups (dp_shard a multiple of a node)
     reshard_after_forward: list[str] = field(default_factory=lambda: ["default", "never"])
+    # "auto" is tried as the trainer resolves it: "every" where "last" does not fit.
     grad_sync: list[str] = field(default_factory=lambda: ["last", "every"])
     reduce_dtype: list[str] = field(default_factory=lambda: ["fp32"])
     compile: list[bool] = field(default_factory=lambda: [False, True])
@@ -103,6 +104,7 @@ def search(
     )
     budget = (gpu.memory_gib - reserved_gib) * GIB
     fit, too_big = [], []
+    seen: set[Layout] = set()
     for tp in space.tp:
         if tp > gpus_per_node or gpus % tp:
             continue  # what else the trainer refuses, evaluate() skips below
@@ -132,6 +134,14 @@ def search(
                 reduce_dtype=reduce,
                 compile=comp,
             )
+            if sync == "auto":
+                sync, _ = resolve_grad_sync(
+                    cfg, layout, budget_bytes=budget, seq_len=seq_len, grad_accum=accum
+                )
+                layout = replace(layout, grad_sync=sync)
+            if layout in seen:
+                continue  # "auto" resolved to a plan already tried
+            seen.add(layout)
             try:
                 plan = evaluate(
                     cfg,

@@ -16,6 +16,7 @@ from llama_dist.generate import complete, load_for_generation
 from llama_dist.metrics.logger import plot_loss_curve
 from llama_dist.models.llama import set_attention_backend
 from llama_dist.parallel import build_mesh, dp_rank_and_size
+from llama_dist.planner.launch_check import check_job_memory
 from llama_dist.tokenizer import Tokenizer
 from llama_dist.train.common import (
     build_training,
@@ -52,6 +53,14 @@ def pretrain(cfg: JobConfig, run_dir: Path) -> TrainState:
     """Run (or resume) pretraining into `run_dir`; every rank calls this."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     model_cfg = validate_job(cfg, world_size)  # before any process group or model exists
+    check_job_memory(
+        model_cfg,
+        parallel=cfg.parallel,
+        train=cfg.train,
+        seq_len=cfg.data.seq_len,
+        world_size=world_size,
+        device_type=run_device_type(cfg.train.device),
+    )
     attention = cfg.model.resolve_attention(
         device_type=run_device_type(cfg.train.device), document_mask=cfg.data.document_mask
     )

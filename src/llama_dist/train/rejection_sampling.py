@@ -32,7 +32,12 @@ import torch
 import torch.distributed as dist
 
 from llama_dist.checkpoint.init import load_initial_weights, source_config
-from llama_dist.config import RejectionSamplingJobConfig, ScorerConfig, check_collective_timeout
+from llama_dist.config import (
+    RejectionSamplingJobConfig,
+    ScorerConfig,
+    SFTJobConfig,
+    check_collective_timeout,
+)
 from llama_dist.data.chat import encode_dialog
 from llama_dist.data.prompts import Prompt, read_prompts
 from llama_dist.generation_dist import consolidated_for_generation, generate_distributed
@@ -114,7 +119,10 @@ def validate_rejection_sampling(cfg: RejectionSamplingJobConfig, world_size: int
     return model
 
 
-def fine_tune_config(cfg: RejectionSamplingJobConfig, kept: Path):
+def fine_tune_config(cfg: Any, kept: Path) -> SFTJobConfig:
+    """The SFT job that fine-tunes `cfg.policy` on the `kept` set: `cfg.sft` with the policy,
+    tokenizer, layout and device of the stage `cfg` (any job config with these fields, e.g.
+    rejection sampling's or context distillation's)."""
     job = copy.deepcopy(cfg.sft)
     job.init_from, job.tokenizer = cfg.policy, cfg.tokenizer
     job.data.paths = [str(kept)]
@@ -135,24 +143,46 @@ def build_scorer(
         return WordShareScorer(s.words)
 
     def reward_model(path: str) -> RewardModelScorer:
-        cfg = source_config(path)
-        model = build_llama(cfg, parallel, mesh, device=device)
-        load_initial_weights(model, path)
-        model.requires_grad_(False)
-        pad = parallel.tp if parallel.sequence_parallel else 1
-        return RewardModelScorer(
-            model,
+        return reward_model_scorer(
+            path,
             tokenizer,
-            device=device,
             micro_batch=s.micro_batch,
-            max_len=min(s.max_len, cfg.max_seq_len),
-            pad_to_multiple_of=pad,
+            max_len=s.max_len,
+            parallel=parallel,
+            mesh=mesh,
+            device=device,
         )
 
     if s.kind == "reward_model":
         return reward_model(s.reward_model)
     return SafetyGatedScorer(
         reward_model(s.helpfulness_rm), reward_model(s.safety_rm), threshold=s.threshold
+    )
+
+
+def reward_model_scorer(
+    path: str,
+    tokenizer: Tokenizer,
+    *,
+    micro_batch: int,
+    max_len: int,
+    parallel: ParallelConfig,
+    mesh: Any,
+    device: torch.device,
+) -> RewardModelScorer:
+    """The reward model at `path`, sharded like the policy and frozen, as a scorer."""
+    cfg = source_config(path)
+    model = build_llama(cfg, parallel, mesh, device=device)
+    load_initial_weights(model, path)
+    model.requires_grad_(False)
+    pad = parallel.tp if parallel.sequence_parallel else 1
+    return RewardModelScorer(
+        model,
+        tokenizer,
+        device=device,
+        micro_batch=micro_batch,
+        max_len=min(max_len, cfg.max_seq_len),
+        pad_to_multiple_of=pad,
     )
 
 
@@ -193,7 +223,7 @@ def load_pool(run_dir: Path, iteration: int, extra: list[str]) -> dict[str, list
     return pool
 
 
-def _open_for_append(path: Path):
+def open_for_append(path: Path):
     """This rank's samples file, opened to append whole lines: the tail of a line an
     interrupted run left unfinished is cut first (its prompt is sampled again)."""
     if path.is_file():
@@ -206,7 +236,7 @@ def _open_for_append(path: Path):
     return open(path, "a", encoding="utf-8")
 
 
-def _response_text(tokenizer: Tokenizer, tokens: list[int]) -> str:
+def response_text(tokenizer: Tokenizer, tokens: list[int]) -> str:
     if tokenizer.eos_id in tokens:
         tokens = tokens[: tokens.index(tokenizer.eos_id)]
     return tokenizer.decode(tokens).strip()
@@ -240,7 +270,7 @@ def sample_prompts(
     policy.requires_grad_(False)
     scorer = build_scorer(cfg.scorer, tokenizer, parallel=cfg.parallel, mesh=mesh, device=device)
     writes = mesh["tp"].get_local_rank() == 0
-    out = _open_for_append(samples_dir / f"dp-{dp_rank:05d}.jsonl") if writes else None
+    out = open_for_append(samples_dir / f"dp-{dp_rank:05d}.jsonl") if writes else None
     try:
         with consolidated_for_generation(policy, mesh) as gen_model:
             for b in range(int(batches.item())):
@@ -266,7 +296,7 @@ def sample_prompts(
                     for i, tokens in enumerate(generated):
                         candidates[i // s.num_samples].append(
                             {
-                                "response": _response_text(tokenizer, tokens),
+                                "response": response_text(tokenizer, tokens),
                                 "iteration": cfg.iteration,
                                 "sample_index": i % s.num_samples,
                                 "temperature": temperature,

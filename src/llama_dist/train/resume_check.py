@@ -35,7 +35,6 @@ import copy
 import json
 import logging
 import math
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +42,6 @@ from typing import Any
 
 import torch.distributed.checkpoint as dcp
 from omegaconf import OmegaConf
-from torch.distributed.checkpoint.api import CheckpointException
 from torch.optim.lr_scheduler import LambdaLR
 
 from llama_dist.checkpoint import (
@@ -51,6 +49,7 @@ from llama_dist.checkpoint import (
     DamagedCheckpointError,
     OptimizerState,
     describe,
+    load_alone,
     step_of,
 )
 
@@ -123,13 +122,7 @@ def lr_shifts(folder: Path, states: Mapping[str, Any]) -> list[_LRShift]:
         if not isinstance(scheduler, LambdaLR) or f"{name}._last_lr" not in stored:
             continue
         saved: dict[str, Any] = {"last_epoch": 0, "base_lrs": [], "_last_lr": []}
-        try:
-            with warnings.catch_warnings():
-                # DCP warns whenever it runs without collectives, as asked to here.
-                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-                dcp.load({name: saved}, checkpoint_id=folder, no_dist=True)
-        except CheckpointException as e:
-            raise DamagedCheckpointError(folder, f"its {name} state cannot be read ({e})") from e
+        load_alone({name: saved}, folder)
         if not saved["base_lrs"] or not saved["base_lrs"][0]:
             continue
         step = int(saved["last_epoch"])
