@@ -41,6 +41,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from llama_dist.checkpoint.init import model_config_from_path
 from llama_dist.losses import cross_entropy_loss
 from llama_dist.metrics.mfu import mfu, peak_flops
 from llama_dist.models.config import PRESETS, LlamaConfig, get_preset
@@ -104,6 +105,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "against HF LlamaForCausalLM on the same device and config.",
     )
     p.add_argument("--preset", default="small", choices=sorted(PRESETS))
+    p.add_argument(
+        "--model-file",
+        default=None,
+        help="instead of --preset: an HF config.json, a model_config.json or a folder with one",
+    )
     p.add_argument(
         "--n-layers", type=int, default=None, help="override the preset's depth (to fit a device)"
     )
@@ -192,9 +198,14 @@ def resolve_dtype(name: str, device: torch.device) -> str:
     return name
 
 
-def model_config(preset: str, n_layers: int | None, seq_len: int | None) -> tuple[LlamaConfig, int]:
+def model_config(
+    preset: str, n_layers: int | None, seq_len: int | None, model_file: str | None = None
+) -> tuple[LlamaConfig, int]:
     overrides = {} if n_layers is None else {"n_layers": n_layers}
-    cfg = get_preset(preset, **overrides)
+    if model_file is not None:
+        cfg = model_config_from_path(model_file).replace(**overrides)
+    else:
+        cfg = get_preset(preset, **overrides)
     seq_len = cfg.max_seq_len if seq_len is None else seq_len
     if seq_len > cfg.max_seq_len:
         raise ValueError(
@@ -566,7 +577,7 @@ def main(argv: Sequence[str] | None = None) -> Report:
     args = parse_args(argv)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    cfg, seq_len = model_config(args.preset, args.n_layers, args.seq_len)
+    cfg, seq_len = model_config(args.preset, args.n_layers, args.seq_len, args.model_file)
     fpt = flops_per_token(cfg, seq_len)
     peak = resolve_peak(device, dtype, args.peak_tflops)
     load_start = os.getloadavg()[0]
@@ -690,4 +701,7 @@ if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == _WORKER_FLAG:
         worker_main(sys.argv[2])
     else:
-        main()
+        try:
+            main()
+        except ValueError as err:  # bad arguments or input files: one line, no traceback
+            raise SystemExit(f"mfu.py: error: {err}") from None

@@ -412,6 +412,8 @@ def _short(override: str) -> str:
 def main(argv: Sequence[str] | None = None) -> tuple[list[dict], str] | None:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    if args.tokenizer is not None:
+        Tokenizer(args.tokenizer)  # a damaged file is named here, not inside the workers
     if "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ:
         raw = rank_main(args)
         dist.destroy_process_group()
@@ -431,4 +433,7 @@ def main(argv: Sequence[str] | None = None) -> tuple[list[dict], str] | None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ValueError as err:  # bad arguments or input files: one line, no traceback
+        raise SystemExit(f"ppo.py: error: {err}") from None

@@ -69,6 +69,9 @@ class ModelConfig:
     """A preset plus overrides; a field left at None keeps the preset's value."""
 
     preset: str = "debug"  # debug | tiny | small | 7b | 13b | 34b | 70b
+    # Instead of the preset: the shape in an HF config.json, a llama_dist model_config.json,
+    # or a folder holding one (an HF model folder, a checkpoint); the fields below override it.
+    from_file: str | None = None
     dim: int | None = None
     n_layers: int | None = None
     n_heads: int | None = None
@@ -104,7 +107,12 @@ class ModelConfig:
             if hasattr(self, f.name) and getattr(self, f.name) is not None
         }
         overrides.pop("rope_scaling", None)
-        base = get_preset(self.preset)
+        if self.from_file is not None:
+            from llama_dist.checkpoint.init import model_config_from_path
+
+            base = model_config_from_path(self.from_file)
+        else:
+            base = get_preset(self.preset)
         if self.rope_factor is not None and self.rope_scaling != "linear":
             raise ValueError(
                 f"model.rope_factor={self.rope_factor} has no effect without "
@@ -194,7 +202,7 @@ class CheckpointConfig:
 class SampleConfig:
     """Text sampled from the final checkpoint, so a run shows what the model learned."""
 
-    prompts: list[str] = field(default_factory=lambda: ["The "])
+    prompts: list[str] = field(default_factory=lambda: ["The "])  # []: no samples
     max_new_tokens: int = 64
     temperature: float = 0.8
     top_p: float = 0.95

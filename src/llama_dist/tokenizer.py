@@ -12,6 +12,7 @@ Command line: `python launch/train_tokenizer.py --input corpus.txt --out tok/tok
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import tempfile
 from collections.abc import Sequence
@@ -75,9 +76,12 @@ class Tokenizer:
                 f"{str(self.path)!r} has no bos or eos piece (bos_id={self.bos_id}, "
                 f"eos_id={self.eos_id}); Llama 2 needs both, train one with train_tokenizer"
             )
+        serialized = self._sp.serialized_model_proto()
         proto = sentencepiece_model_pb2.ModelProto()
-        proto.ParseFromString(self._sp.serialized_model_proto())
+        proto.ParseFromString(serialized)
         self._trainer_spec = proto.trainer_spec
+        # The model's identity, whatever its file is called or where it lies.
+        self.sha256 = hashlib.sha256(serialized).hexdigest()
 
     @property
     def vocab_size(self) -> int:

@@ -7,7 +7,6 @@ its own shards; an HF folder is read one tensor at a time, each rank keeping its
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Collection
 from pathlib import Path
@@ -24,9 +23,11 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from llama_dist.checkpoint.manager import _dcp_context
 from llama_dist.checkpoint.model_io import MODEL_CONFIG_FILE, find_checkpoint
+from llama_dist.jsonfile import model_config_dict, read_json_object
 from llama_dist.models.config import LlamaConfig
 from llama_dist.models.hf_adapter import (
     _is_hf_buffer,
+    config_from_hf,
     from_hf_tensor,
     iter_hf_weights,
     read_hf_config,
@@ -49,7 +50,30 @@ def source_config(path: str | os.PathLike) -> LlamaConfig:
             f"{folder} has no {MODEL_CONFIG_FILE}; point at a llama_dist checkpoint or an HF "
             "Llama folder (with config.json)"
         )
-    return LlamaConfig.from_dict(json.loads(config_path.read_text()))
+    return LlamaConfig.from_dict(model_config_dict(config_path), source=config_path)
+
+
+def model_config_from_path(path: str | os.PathLike) -> LlamaConfig:
+    """A model's shape from a file or a folder: an HF config.json, a llama_dist
+    model_config.json, or a folder holding one (an HF model folder, a checkpoint or a run
+    folder of step-N checkpoints). Reads only config files; errors name the file."""
+    path = Path(path)
+    if path.is_dir():
+        return source_config(path)
+    if not path.is_file():
+        raise ValueError(
+            f"model config {path} does not exist; point at an HF config.json, a llama_dist "
+            f"{MODEL_CONFIG_FILE}, or a folder holding one"
+        )
+    data = read_json_object(
+        path, fix=f"point at an HF config.json or a llama_dist {MODEL_CONFIG_FILE}"
+    )
+    if "hidden_size" in data or "model_type" in data:
+        try:
+            return config_from_hf(data)
+        except (TypeError, KeyError, ValueError) as e:
+            raise ValueError(f"{path} is not a usable HF Llama config ({e})") from e
+    return LlamaConfig.from_dict(data, source=path)
 
 
 def _copy_into(param: torch.Tensor, full: torch.Tensor) -> None:

@@ -79,6 +79,7 @@ from llama_dist.checkpoint.model_io import (
     step_checkpoints,
     step_of,
 )
+from llama_dist.jsonfile import model_config_dict
 from llama_dist.models.config import LlamaConfig
 
 logger = logging.getLogger(__name__)
@@ -799,7 +800,7 @@ def check_checkpoint(path: str | os.PathLike, model_config: LlamaConfig) -> Path
             f"{MODEL_CONFIG_FILE}; point at a checkpoint written by llama_dist"
         )
     try:
-        saved_config = LlamaConfig.from_dict(json.loads(config_path.read_text()))
+        saved_config = LlamaConfig.from_dict(model_config_dict(config_path), source=config_path)
     except (ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
         raise DamagedCheckpointError(
             folder, f"{MODEL_CONFIG_FILE} is not a valid model config ({_short(e)})"

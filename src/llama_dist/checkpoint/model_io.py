@@ -21,6 +21,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from llama_dist.jsonfile import model_config_dict
 from llama_dist.models.config import LlamaConfig
 from llama_dist.models.hf_adapter import (
     check_state_dict,
@@ -117,8 +118,12 @@ def load_model_checkpoint(path: str | os.PathLike) -> tuple[LlamaConfig, dict[st
             f"{folder} is not a complete llama_dist checkpoint: it has no {MODEL_CONFIG_FILE}; "
             "point at a checkpoint written by llama_dist"
         )
-    cfg = LlamaConfig.from_dict(json.loads(config_path.read_text()))
+    cfg = LlamaConfig.from_dict(model_config_dict(config_path), source=config_path)
+    from llama_dist.checkpoint.manager import DamagedCheckpointError, damage
 
+    problem = damage(folder)  # a truncated file or .metadata, named, before any read
+    if problem is not None:
+        raise DamagedCheckpointError(folder, problem)
     stored = dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
     shapes = param_shapes(cfg)
     missing = [name for name in shapes if f"model.{name}" not in stored]

@@ -317,6 +317,40 @@ class PretrainData:
         return f"PretrainData({self.sources}, weights=[{weights}], seq_len={self.seq_len})"
 
 
+def check_data_tokenizer(sources: list[TokenSource], tokenizer: Any) -> None:
+    """Each dataset was tokenized with `tokenizer` (a `llama_dist.tokenizer.Tokenizer`), as far
+    as its sidecar records: the model's sha256 where it has one (data prepared by this
+    version), else its vocabulary size and bos/eos ids. Data without a sidecar is not checked.
+    Raises a ValueError naming the dataset and both tokenizers."""
+    for source in sources:
+        meta = source.meta
+        if meta is None:
+            continue
+        where = f"{source.prefix}.meta.json"
+        recorded = meta.get("tokenizer", "an unrecorded tokenizer")
+        fix = (
+            f"pass the tokenizer it was prepared with (tokenizer={recorded}), or prepare "
+            f"{source.prefix} again with --tokenizer {tokenizer.path}"
+        )
+        sha = meta.get("tokenizer_sha256")
+        if sha is not None:
+            if sha != tokenizer.sha256:
+                raise ValueError(
+                    f"dataset {source.prefix!r} was tokenized with another tokenizer than "
+                    f"tokenizer={tokenizer.path}: {where} records {recorded} (sha256 {sha[:12]}), "
+                    f"this one is sha256 {tokenizer.sha256[:12]}; {fix}"
+                )
+            continue
+        ours = {"vocab_size": tokenizer.vocab_size, "bos_id": tokenizer.bos_id}
+        ours["eos_id"] = tokenizer.eos_id
+        differ = [f"{k} {meta[k]} vs {v}" for k, v in ours.items() if k in meta and meta[k] != v]
+        if differ:
+            raise ValueError(
+                f"dataset {source.prefix!r} was tokenized with another tokenizer than "
+                f"tokenizer={tokenizer.path}: {where} records {', '.join(differ)}; {fix}"
+            )
+
+
 def _resolve_eos_id(configured: int | None, sources: list[TokenSource]) -> int:
     recorded = {s.eos_id for s in sources if s.eos_id is not None}
     if len(recorded) > 1:

@@ -282,6 +282,7 @@ def prepare_data(
             "max_token_id": max_token_id,
             "dtype": np.dtype(dtype).name,
             "tokenizer": tokenizer_path,
+            "tokenizer_sha256": tokenizer.sha256,  # checked against the job's tokenizer
         }
         meta_path(tmp_prefix).write_text(json.dumps(meta, indent=2) + "\n")
         # The sidecar goes last: a reader that finds it finds the .bin and .idx it describes.

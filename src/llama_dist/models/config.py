@@ -150,12 +150,22 @@ class LlamaConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> LlamaConfig:
+    def from_dict(cls, data: dict[str, Any], *, source: Any = None) -> LlamaConfig:
+        """A validated config from `data` (as `to_dict` writes it); `source`, the file it was
+        read from, is named in the errors."""
+        where = f"{source}: " if source is not None else ""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown model config keys {unknown}; valid keys are {sorted(known)}")
-        return cls(**data).validate()
+            raise ValueError(
+                f"{where}unknown model config keys {unknown}; valid keys are {sorted(known)}"
+            )
+        try:
+            return cls(**data).validate()
+        except (TypeError, ValueError) as e:
+            if source is None:
+                raise
+            raise ValueError(f"{where}not a valid model config ({e})") from e
 
 
 # Shapes from llama2.md; 34B is the CodeLlama-34B shape (never released as Llama 2).

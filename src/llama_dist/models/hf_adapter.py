@@ -28,6 +28,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from llama_dist.jsonfile import read_json_object
 from llama_dist.models.config import LlamaConfig, RopeScaling
 from llama_dist.models.llama import Llama
 
@@ -451,7 +452,14 @@ def iter_hf_weights(folder: str | os.PathLike) -> Iterator[tuple[str, torch.Tens
         )
     for path in files:
         if path.suffix == ".safetensors":
-            with safe_open(path, framework="pt") as f:
+            try:
+                f = safe_open(path, framework="pt")
+            except Exception as err:  # noqa: BLE001 - SafetensorError is not importable
+                raise ValueError(
+                    f"{path} cannot be read as safetensors ({err}): it is damaged or cut "
+                    "short; copy it again from the model's source"
+                ) from err
+            with f:
                 for name in f.keys():
                     yield name, f.get_tensor(name)
         else:
@@ -477,7 +485,13 @@ def read_hf_config(folder: str | os.PathLike) -> LlamaConfig:
             f"{folder} has no config.json; point at an HF model folder (as written by "
             "save_pretrained), not at a file or a parent folder"
         )
-    return config_from_hf(json.loads(config_path.read_text()))
+    hf = read_json_object(
+        config_path, fix="it is damaged; copy config.json again from the model's source"
+    )
+    try:
+        return config_from_hf(hf)
+    except (TypeError, KeyError) as e:
+        raise ValueError(f"{config_path} is not a complete Llama config ({e})") from e
 
 
 def load_hf_folder(folder: str | os.PathLike) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:

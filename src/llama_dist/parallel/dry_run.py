@@ -8,6 +8,7 @@ the shard shapes are those a real job would have.
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +16,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Shard
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
-from llama_dist.models.config import get_preset
+from llama_dist.models.config import PRESETS, LlamaConfig, get_preset
 from llama_dist.models.llama import Llama
 from llama_dist.parallel.config import ACConfig, ParallelConfig
 from llama_dist.parallel.fsdp import DTYPES, resolve_dtype
@@ -81,9 +82,22 @@ def rank_memory(model: Llama, cfg: ParallelConfig, *, device_type: str = "cuda")
     )
 
 
+def model_shape(model: str) -> LlamaConfig:
+    """A preset's name, or a path: an HF config.json, a llama_dist model_config.json or a
+    folder holding one."""
+    from llama_dist.checkpoint.init import model_config_from_path
+
+    if model in PRESETS:
+        return get_preset(model)
+    if os.sep in model or model.endswith(".json") or os.path.exists(model):
+        return model_config_from_path(model)
+    return get_preset(model)  # names the presets
+
+
 def dry_run(model_name: str, cfg: ParallelConfig, world_size: int) -> RankMemory:
-    """Parallelize preset `model_name` for `world_size` ranks on the meta device."""
-    model_cfg = get_preset(model_name)
+    """Parallelize `model_name` (a preset or a config file, `model_shape`) for `world_size`
+    ranks on the meta device."""
+    model_cfg = model_shape(model_name)
     cfg.validate(world_size, model_cfg)
     if dist.is_initialized():
         raise RuntimeError("dry_run needs a process of its own (a process group exists)")
@@ -117,7 +131,11 @@ def format_report(model_name: str, cfg: ParallelConfig, world_size: int, mem: Ra
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="70b")
+    parser.add_argument(
+        "--model",
+        default="70b",
+        help="a preset, or an HF config.json / model_config.json / folder holding one",
+    )
     parser.add_argument("--world-size", type=int, default=2048)
     parser.add_argument("--tp", type=int, default=8)
     parser.add_argument("--dp-replicate", type=int, default=1)

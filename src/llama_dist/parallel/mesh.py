@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import os
 import re
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +57,10 @@ def init_distributed(
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if "MASTER_PORT" not in os.environ and os.environ.get("WORLD_SIZE", "1") == "1":
+            # A process of its own: any free port, so that two such runs on one machine
+            # (or one beside a torchrun job on the default port) do not collide.
+            os.environ["MASTER_PORT"] = str(_free_port())
         os.environ.setdefault("MASTER_PORT", "29500")
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
@@ -131,6 +136,12 @@ def _failed_ranks(message: str) -> str | None:
     # gloo: "[Rank 0]: Ranks 1, 3 failed to pass monitoredBarrier in 2000 ms"
     match = re.search(r"Ranks? ([\d, ]+) failed to pass", message)
     return match.group(1).strip().rstrip(",") if match else None
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _restart_safe_store(timeout: datetime.timedelta) -> dict:

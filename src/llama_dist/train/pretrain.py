@@ -11,7 +11,12 @@ import torch.distributed as dist
 
 from llama_dist.checkpoint import ModelState, check_checkpoint
 from llama_dist.config import JobConfig, SampleConfig, run_device_type, validate_job
-from llama_dist.data.indexed import PretrainData, TrainLoader, ValidLoader
+from llama_dist.data.indexed import (
+    PretrainData,
+    TrainLoader,
+    ValidLoader,
+    check_data_tokenizer,
+)
 from llama_dist.generate import complete, load_for_generation
 from llama_dist.metrics.logger import plot_loss_curve
 from llama_dist.models.llama import set_attention_backend
@@ -66,6 +71,8 @@ def pretrain(cfg: JobConfig, run_dir: Path) -> TrainState:
     )
     data = PretrainData(cfg.data, vocab_size=model_cfg.vocab_size)
     tokenizer = check_tokenizer(cfg.tokenizer, model_cfg.vocab_size)
+    if tokenizer is not None:  # before the first step, not when the samples are written
+        check_data_tokenizer(data.sources, tokenizer)
     if cfg.checkpoint.init_from:
         check_checkpoint(cfg.checkpoint.init_from, model_cfg)
     run_dir = Path(run_dir)
@@ -168,7 +175,7 @@ def pretrain(cfg: JobConfig, run_dir: Path) -> TrainState:
     if rank == 0:
         plot_loss_curve(run_dir)
         if state.step == cfg.train.steps and tokenizer is not None and last_saved is not None:
-            if model_cfg.num_params() <= MAX_SAMPLE_PARAMS:
+            if cfg.sample.prompts and model_cfg.num_params() <= MAX_SAMPLE_PARAMS:
                 write_samples(cfg.sample, run_dir, last_saved, tokenizer, seed=cfg.train.seed)
             else:
                 log.info("sample with: python launch/generate.py --checkpoint %s", last_saved)
