@@ -704,4 +704,5 @@ if __name__ == "__main__":
         try:
             main()
         except ValueError as err:  # bad arguments or input files: one line, no traceback
-            raise SystemExit(f"mfu.py: error: {err}") from None
+            print(f"mfu.py: error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None

@@ -436,4 +436,5 @@ if __name__ == "__main__":
     try:
         main()
     except ValueError as err:  # bad arguments or input files: one line, no traceback
-        raise SystemExit(f"ppo.py: error: {err}") from None
+        print(f"ppo.py: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -111,7 +111,7 @@ def bad_json(path: Path) -> None:
 
 
 def assert_one_clear_line(out: subprocess.CompletedProcess, *names: str) -> str:
-    assert out.returncode != 0, out.stdout + out.stderr
+    assert out.returncode == 2, out.stdout + out.stderr
     assert "Traceback" not in out.stderr, out.stderr
     lines = [ln for ln in out.stderr.splitlines() if "error" in ln.lower()]
     assert lines, out.stderr
