@@ -50,7 +50,7 @@ def read_documents(prefix: Path) -> list[np.ndarray]:
     return docs
 
 
-def check_documents(prefix: Path, tokenizer: Tokenizer, texts: list[str], *, bos=False) -> None:
+def check_documents(prefix: Path, tokenizer: Tokenizer, texts: list[str], *, bos=True) -> None:
     docs = read_documents(prefix)
     assert len(docs) == len(texts)
     for ids, text in zip(docs, texts, strict=True):
@@ -75,7 +75,7 @@ def test_txt_one_document_per_file(tmp_path, tokenizer_path, tokenizer):
     sidecar = json.loads((tmp_path / "out" / "ds.meta.json").read_text())
     assert sidecar == meta
     assert meta["vocab_size"] == tokenizer.vocab_size == 320
-    assert (meta["eos_id"], meta["bos_id"], meta["bos"]) == (2, 1, False)
+    assert (meta["eos_id"], meta["bos_id"], meta["bos"]) == (2, 1, True)
     assert meta["num_documents"] == 2
     assert meta["num_tokens"] == len(all_ids)
     assert meta["max_token_id"] == all_ids.max()
@@ -89,7 +89,7 @@ def test_txt_one_document_per_file(tmp_path, tokenizer_path, tokenizer):
     ]
 
 
-def test_txt_paragraph_split_and_bos(tmp_path, tokenizer_path, tokenizer):
+def test_txt_paragraph_split_without_bos(tmp_path, tokenizer_path, tokenizer):
     paragraphs = ["First paragraph,\ntwo lines.", "  Second, indented.", "Third 東京 42."]
     (tmp_path / "p.txt").write_text(
         "\n\n" + paragraphs[0] + "\n\n\n" + paragraphs[1] + "\n \t\n" + paragraphs[2] + "\n"
@@ -100,10 +100,24 @@ def test_txt_paragraph_split_and_bos(tmp_path, tokenizer_path, tokenizer):
         tokenizer_path,
         workers=1,
         split="paragraph",
-        bos=True,
+        bos=False,
         progress=False,
     )
-    check_documents(tmp_path / "ds", tokenizer, paragraphs, bos=True)
+    check_documents(tmp_path / "ds", tokenizer, paragraphs, bos=False)
+    assert json.loads((tmp_path / "ds.meta.json").read_text())["bos"] is False
+
+
+def test_documents_begin_as_sampling_prompts_do(tmp_path, tokenizer_path, tokenizer):
+    """Prepared by default, a document starts with the tokens a sampling prompt of its first
+    words starts with (BOS, then the words), so the model is sampled from where it trained."""
+    from llama_dist.train.pretrain import sample_prompt_ids
+
+    (tmp_path / "a.txt").write_text("The cat sat on the mat.")
+    prepare_data([tmp_path / "a.txt"], tmp_path / "ds", tokenizer_path, workers=1, progress=False)
+    [doc] = read_documents(tmp_path / "ds")
+    [prompt] = sample_prompt_ids(tokenizer, ["The cat"])
+    assert prompt[0] == tokenizer.bos_id == doc[0]
+    assert doc[: len(prompt)].tolist() == prompt
 
 
 def test_jsonl_and_folders(tmp_path, tokenizer_path, tokenizer):

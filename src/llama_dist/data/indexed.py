@@ -16,6 +16,7 @@ the `PREFIX.meta.json` sidecar of `launch/prepare_data.py` is optional.
 
 from __future__ import annotations
 
+import logging
 import math
 import struct
 from collections import OrderedDict
@@ -36,6 +37,8 @@ BLEND_PATTERN_LEN = 10_000
 _INDEX_MAGIC = b"MMIDIDX\x00\x00"
 # Tokens per chunk when data without a sidecar is scanned for its largest id (64 MiB of int32).
 _SCAN_CHUNK = 1 << 24
+
+log = logging.getLogger(__name__)
 
 
 class TokenSource:
@@ -327,6 +330,14 @@ def check_data_tokenizer(sources: list[TokenSource], tokenizer: Any) -> None:
         if meta is None:
             continue
         where = f"{source.prefix}.meta.json"
+        if meta.get("bos") is False:
+            log.warning(
+                "the documents of %s do not start with BOS (%s: bos false), while sampling "
+                "and the chat format start every prompt with it: its embedding stays untrained; "
+                "prepare the data again without --no-bos",
+                source.prefix,
+                where,
+            )
         recorded = meta.get("tokenizer", "an unrecorded tokenizer")
         fix = (
             f"pass the tokenizer it was prepared with (tokenizer={recorded}), or prepare "

@@ -3,8 +3,10 @@
 Inputs are `.txt` files (one document per file, or per blank-line-separated paragraph) and
 `.jsonl` files (one JSON object per line, its text under `text_key`); a directory stands for
 the `.txt`/`.jsonl` files directly inside it. Every document is one sequence of the dataset
-and ends with EOS (optionally starts with BOS), as Megatron's `preprocess_data.py
---append-eod` writes it, so either tool's output trains the same way. A sidecar
+starts with BOS and ends with EOS, as Llama 2 documents do and as Megatron's
+`preprocess_data.py --append-eod` with its Llama 2 tokenizer writes them, so either tool's
+output trains the same way, and sampling (which starts every prompt with BOS) sees the
+beginning it was trained on. `--no-bos` leaves BOS out. A sidecar
 `PREFIX.meta.json` records the tokenizer and the largest token id, which lets the reader check
 the data against the model without scanning it.
 
@@ -202,7 +204,7 @@ def prepare_data(
     workers: int | None = None,
     text_key: str = "text",
     split: str = "file",
-    bos: bool = False,
+    bos: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Tokenize `inputs` into `out_prefix`.bin/.idx/.meta.json; returns the sidecar's contents.
@@ -379,7 +381,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--text-key", default="text", metavar="KEY", help="field of .jsonl records to read"
     )
-    parser.add_argument("--bos", action="store_true", help="start every document with BOS")
+    parser.add_argument(
+        "--bos",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="start every document with BOS, as sampling starts every prompt (default: on)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:

@@ -42,6 +42,11 @@ log = logging.getLogger("llama_dist.train.pretrain")
 MAX_SAMPLE_PARAMS = 2_000_000_000
 
 
+def sample_prompt_ids(tokenizer: Tokenizer, prompts: list[str]) -> list[list[int]]:
+    """The end-of-run samples' prompts as token ids: BOS first, as prepared documents begin."""
+    return [tokenizer.encode(p, bos=True) for p in prompts]
+
+
 def check_tokenizer(path: str | None, vocab_size: int) -> Tokenizer | None:
     if path is None:
         return None
@@ -190,7 +195,7 @@ def write_samples(
     continuations = complete(
         model,
         tokenizer,
-        [tokenizer.encode(p, bos=True) for p in s.prompts],
+        sample_prompt_ids(tokenizer, s.prompts),
         max_new_tokens=s.max_new_tokens,
         temperature=s.temperature,
         top_p=s.top_p,
