@@ -7,7 +7,8 @@
     # on the synthetic task, judge violations and helpfulness by its rule too: judge=synthetic
 
 Hydra overrides on the command line (conf/safety_eval.yaml); the run folder is
-runs/<run_name>: safety_eval.md, safety_eval.json, safety_eval.png.
+runs/<run_name>: safety_eval.md, safety_eval.json, safety_eval.png, and with two checkpoints or
+more win_rates.md and win_rates.png (each against the first).
 """
 
 import hydra

@@ -13,9 +13,16 @@ Per checkpoint and risk category the table gives the violation rate and the mean
     generations/<name>/dp-*.jsonl  each checkpoint's answers with both scores (resumable)
     generations/<name>/source.json the checkpoint folder they came from
     safety_eval.md, safety_eval.json, safety_eval.png (violation rate vs helpfulness)
+    win_rates.md, win_rates.png    each later checkpoint against the first (also in the JSON)
 
 The table's rows per checkpoint: each risk category, "uncategorized" (tagged prompts without a
 category), "all adversarial" (every tagged prompt) and "helpful" (the untagged prompts).
+
+The win rates are the paper's "evolution of the chat models" in miniature, judged by our own
+reward models on the same answers (no second generation): each checkpoint after the first (the
+SFT model) against the first, prompt by prompt, a win where its score is higher, a tie (half a
+win) where the scores are equal or the two answers are the same text; the Helpfulness RM on the
+helpful prompts, the Safety RM on the adversarial ones.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from llama_dist.data.preference import synthetic_helpfulness, synthetic_is_safe
 from llama_dist.data.prompts import Prompt, read_prompts
 from llama_dist.generation_dist import consolidated_for_generation
 from llama_dist.parallel import build_llama, build_mesh
+from llama_dist.rlhf.scoring import RewardModelScorer
 from llama_dist.tokenizer import Tokenizer
 from llama_dist.train.answers import answer_work, read_records, run_batches
 from llama_dist.train.common import open_run
@@ -48,6 +56,7 @@ from llama_dist.train.rejection_sampling import reward_model_scorer
 log = logging.getLogger("llama_dist.rlhf.safety_eval")
 
 REPORT_FILE, TABLE_FILE, PLOT_FILE = "safety_eval.md", "safety_eval.json", "safety_eval.png"
+WIN_REPORT_FILE, WIN_PLOT_FILE = "win_rates.md", "win_rates.png"
 GENERATIONS = "generations"
 UNCATEGORIZED, ALL_ADVERSARIAL, HELPFUL = "uncategorized", "all adversarial", "helpful"
 
@@ -84,7 +93,8 @@ def evaluation_table(
 ) -> list[dict]:
     """The table's rows from answer records ({"checkpoint", "safety_tagged", "risk_category",
     "response", "safety", "helpfulness"}): per checkpoint (in `names` order), its risk
-    categories (sorted), then "all adversarial" and "helpful" where they have prompts."""
+    categories (sorted), "uncategorized", "all adversarial" and "helpful", where they have
+    prompts."""
     rows = []
     for name in names:
         mine = [r for r in records if r["checkpoint"] == name]
@@ -92,7 +102,9 @@ def evaluation_table(
         for r in mine:
             groups.setdefault(category_of(r), []).append(r)
         tagged = [r for r in mine if r["safety_tagged"]]
-        categories = sorted(c for c in groups if c != HELPFUL)
+        # The named categories sorted, then the tagged prompts without one.
+        categories = sorted(c for c in groups if c not in (HELPFUL, UNCATEGORIZED))
+        categories += [UNCATEGORIZED] if UNCATEGORIZED in groups else []
         ordered = [(c, groups[c]) for c in categories] + [(ALL_ADVERSARIAL, tagged)]
         ordered += [(HELPFUL, groups[HELPFUL])] if HELPFUL in groups else []
         for category, group in ordered:
@@ -181,6 +193,105 @@ def plot(path: Path, rows: Sequence[Mapping], names: Sequence[str]) -> None:
     plt.close(fig)
 
 
+def win_rate(scores: Sequence[float], baseline: Sequence[float], same: Sequence[bool]) -> dict:
+    """Wins, ties and losses of `scores` against `baseline`, prompt by prompt (a tie where the
+    scores are equal or the answers the same text, `same`), and the win rate with ties
+    counting half (None without prompts)."""
+    wins = ties = 0
+    for score, base, identical in zip(scores, baseline, same, strict=True):
+        if identical or score == base:
+            ties += 1
+        elif score > base:
+            wins += 1
+    n = len(scores)
+    return {
+        "prompts": n,
+        "wins": wins,
+        "ties": ties,
+        "losses": n - wins - ties,
+        "win_rate": (wins + ties / 2) / n if n else None,
+    }
+
+
+def win_rates(records: Sequence[Mapping], names: Sequence[str]) -> list[dict]:
+    """Per checkpoint after the first (in `names` order), its win rates against the first on
+    the same prompts: "helpfulness" by the Helpfulness RM on the helpful prompts, "safety" by
+    the Safety RM on the adversarial (safety-tagged) ones."""
+    answers: dict[str, dict[str, Mapping]] = {}
+    for r in records:
+        answers.setdefault(r["checkpoint"], {})[r["prompt_key"]] = r
+    base = answers[names[0]]
+    out = []
+    for name in names[1:]:
+        mine = answers[name]
+        assert mine.keys() == base.keys(), name
+        row: dict = {"checkpoint": name, "against": names[0]}
+        for score, tagged in (("helpfulness", False), ("safety", True)):
+            keys = [k for k, r in base.items() if r["safety_tagged"] is tagged]
+            row[score] = win_rate(
+                [mine[k][score] for k in keys],
+                [base[k][score] for k in keys],
+                [mine[k]["response"] == base[k]["response"] for k in keys],
+            )
+        out.append(row)
+    return out
+
+
+def _rate(w: Mapping) -> str:
+    if w["win_rate"] is None:
+        return "n/a"
+    return f"{100 * w['win_rate']:.1f}% ({w['wins']}/{w['ties']}/{w['losses']})"
+
+
+def win_rates_markdown(rows: Sequence[Mapping]) -> str:
+    against = rows[0]["against"]
+    lines = [
+        f"# Win rates against {against}",
+        "",
+        f"Each checkpoint's answers against {against}'s, prompt by prompt: a win where its "
+        "reward-model score is higher, ties (equal scores or the same answer) count half. "
+        "Helpfulness: the Helpfulness RM on the helpful prompts; safety: the Safety RM on the "
+        "adversarial ones. In brackets: wins/ties/losses.",
+        "",
+        "| checkpoint | helpfulness win rate | helpful prompts | safety win rate | "
+        "adversarial prompts |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        h, s = r["helpfulness"], r["safety"]
+        lines.append(
+            f"| {r['checkpoint']} | {_rate(h)} | {h['prompts']} | {_rate(s)} | {s['prompts']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_win_rates(path: Path, rows: Sequence[Mapping]) -> None:
+    """The paper's "evolution of the chat models" plot in miniature: x the Safety win rate, y
+    the Helpfulness win rate, one labelled point per checkpoint (where both are defined)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.axhline(50, color="gray", linestyle="--", linewidth=0.8)
+    ax.axvline(50, color="gray", linestyle="--", linewidth=0.8)
+    for r in rows:
+        x, y = r["safety"]["win_rate"], r["helpfulness"]["win_rate"]
+        if x is None or y is None:
+            continue
+        ax.scatter([100 * x], [100 * y], s=30)
+        ax.annotate(r["checkpoint"], (100 * x, 100 * y), textcoords="offset points", xytext=(4, 4))
+    ax.set_xlim(-5, 105)  # a point at 0% or 100% stays inside the axes
+    ax.set_ylim(-5, 105)
+    ax.set_xlabel("Safety win rate, Safety RM (%)")
+    ax.set_ylabel("Helpfulness win rate, Helpfulness RM (%)")
+    ax.set_title(f"Win rates against {rows[0]['against']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _folder_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "checkpoint"
 
@@ -217,7 +328,11 @@ def validate_safety_eval(cfg: SafetyEvalJobConfig, world_size: int) -> list[str]
                 f"{name} is not set; the safety evaluation scores every answer with both "
                 f"reward models: pass {name}=PATH"
             )
-        if source_config(path).output_dim != 1:
+        try:
+            model = source_config(path)
+        except ValueError as e:
+            raise ValueError(f"{name}={path}: {e}") from None
+        if model.output_dim != 1:
             raise ValueError(f"{name}={path} is not a reward model (scalar head)")
     if cfg.judge != "none" and cfg.judge not in JUDGES:
         raise ValueError(f"judge={cfg.judge!r} must be none or one of {sorted(JUDGES)}")
@@ -289,18 +404,9 @@ def safety_eval(cfg: SafetyEvalJobConfig, run_dir: Path) -> list[dict]:
         run_dir, cfg, device=cfg.device, collective_timeout_s=cfg.collective_timeout_s
     )
     mesh = build_mesh(cfg.parallel, device=device.type)
-    scorers = {
-        name: reward_model_scorer(
-            getattr(cfg, f"{name}_rm"),
-            tokenizer,
-            micro_batch=cfg.micro_batch,
-            max_len=cfg.max_len,
-            parallel=cfg.parallel,
-            mesh=mesh,
-            device=device,
-        )
-        for name in ("safety", "helpfulness")
-    }
+    # Built when a checkpoint first has prompts left: a finished run's report is redone
+    # without loading the reward models. Every rank agrees on that (`done` is broadcast).
+    scorers: dict[str, RewardModelScorer] = {}
     for name, path in zip(names, cfg.checkpoints, strict=True):
         folder = run_dir / GENERATIONS / _folder_name(name)
         if dist.get_rank() == 0:
@@ -311,6 +417,17 @@ def safety_eval(cfg: SafetyEvalJobConfig, run_dir: Path) -> list[dict]:
         if {p.key for p in prompts} <= done[0]:
             log.info("%s: every prompt answered already (%s)", name, folder)
             continue
+        if not scorers:
+            for score in ("safety", "helpfulness"):
+                scorers[score] = reward_model_scorer(
+                    getattr(cfg, f"{score}_rm"),
+                    tokenizer,
+                    micro_batch=cfg.micro_batch,
+                    max_len=cfg.max_len,
+                    parallel=cfg.parallel,
+                    mesh=mesh,
+                    device=device,
+                )
         policy = build_llama(source_config(path), cfg.parallel, mesh, device=device)
         load_initial_weights(policy, path)
         policy.requires_grad_(False)
@@ -338,7 +455,9 @@ def safety_eval(cfg: SafetyEvalJobConfig, run_dir: Path) -> list[dict]:
         records = []
         for name in names:
             answered = read_records(run_dir / GENERATIONS / _folder_name(name))
-            records += [answered[p.key] for p in prompts]
+            # The name given now (a folder may hold answers recorded under a spelling of the
+            # name that maps to the same folder).
+            records += [{**answered[p.key], "checkpoint": name} for p in prompts]
         judge = JUDGES.get(cfg.judge)
         rows = evaluation_table(
             records, names=names, judge=judge, safety_threshold=cfg.safety_threshold
@@ -353,9 +472,19 @@ def safety_eval(cfg: SafetyEvalJobConfig, run_dir: Path) -> list[dict]:
             ],
             "rows": rows,
         }
+        wins = win_rates(records, names) if len(names) > 1 else []
+        table["win_rates"] = wins
         (run_dir / TABLE_FILE).write_text(json.dumps(table, indent=1) + "\n")
         plot(run_dir / PLOT_FILE, rows, names)
         print(text, flush=True)
+        if wins:
+            wins_text = win_rates_markdown(wins)
+            (run_dir / WIN_REPORT_FILE).write_text(wins_text)
+            plot_win_rates(run_dir / WIN_PLOT_FILE, wins)
+            print(wins_text, flush=True)
+        else:  # one checkpoint now: a report of an earlier run here would be stale
+            for stale in (WIN_REPORT_FILE, WIN_PLOT_FILE):
+                (run_dir / stale).unlink(missing_ok=True)
     dist.barrier()
     return rows
 
@@ -365,7 +494,11 @@ __all__ = [
     "Judge",
     "evaluation_table",
     "plot_points",
+    "plot_win_rates",
     "safety_eval",
     "table_markdown",
     "validate_safety_eval",
+    "win_rate",
+    "win_rates",
+    "win_rates_markdown",
 ]
