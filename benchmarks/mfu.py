@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from llama_dist.checkpoint.init import model_config_from_path
@@ -59,11 +60,14 @@ OURS_PATCHES = ("sdpa-gqa",)
 _GIB = 2**30
 
 
+IMPLS = ("trainer", "ours", "hf")
+
+
 @dataclass(frozen=True)
 class Setting:
     """One row of the report: an implementation at one (micro-batch, ac, compile)."""
 
-    impl: str  # "ours" | "hf"
+    impl: str  # "trainer" | "ours" | "hf"
     micro_batch: int
     ac: str  # none | full | selective
     compile: bool
@@ -138,6 +142,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--out", type=Path, default=None, help="write the report to this .md file")
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baseline")
+    p.add_argument(
+        "--impl",
+        nargs="+",
+        default=list(IMPLS),
+        choices=IMPLS,
+        help="trainer: the step launch/pretrain.py runs (FSDP2 over every rank, fp32 master "
+        "weights, --dtype compute, fused AdamW, forward_backward + the guarded step); ours: the "
+        "bare model in --dtype; hf: LlamaForCausalLM in --dtype. Under torchrun: trainer only",
+    )
     p.add_argument(
         "--interleave",
         action="store_true",
@@ -347,6 +360,48 @@ def build_hf(
     return model
 
 
+class TrainerStep:
+    """The pretraining loop's step: `build_llama` on the process group's mesh (FSDP2 mixed
+    precision: fp32 master weights, `dtype` compute, fp32 gradient reduction), the job's
+    AdamW and schedule, `forward_backward` and the guarded optimizer step (one host sync)."""
+
+    def __init__(self, cfg: LlamaConfig, spec: dict[str, Any], device: torch.device) -> None:
+        from llama_dist.config import OptimConfig
+        from llama_dist.parallel import ACConfig, ParallelConfig, build_llama, build_mesh
+        from llama_dist.parallel.mesh import init_distributed
+        from llama_dist.train.common import GuardedStep, build_optimizer
+
+        init_distributed(device=device.type)
+        self.parallel = ParallelConfig(
+            ac=ACConfig(mode=spec["ac"]),
+            compile=spec["compile"],
+            param_dtype=spec["dtype"],
+            reduce_dtype="fp32",
+        ).validate(dist.get_world_size(), cfg)
+        mesh = build_mesh(self.parallel, device=device.type)
+        self.model = build_llama(cfg, self.parallel, mesh, device=device, seed=spec["seed"])
+        optim = OptimConfig(lr=3e-4, warmup_steps=0, implementation=spec["adamw"])
+        optimizer, scheduler = build_optimizer(self.model, optim, total_steps=10**6)
+        self.step = GuardedStep(
+            optimizer,
+            scheduler,
+            list(self.model.parameters()),
+            clip_grad_norm=optim.clip_grad_norm,
+            max_nonfinite=10**6,
+        )
+        self.device = device
+        self.count = 0
+
+    def __call__(self, tokens: torch.Tensor) -> float:
+        from llama_dist.train.step import forward_backward
+
+        out = forward_backward(
+            self.model, [{"tokens": tokens}], parallel=self.parallel, device=self.device
+        )
+        self.count += 1
+        return self.step(out.loss, step=self.count).loss
+
+
 def run_group(spec: dict[str, Any]) -> dict[str, Any]:
     """Build the models of `spec["models"]` (one per process, unless --interleave) and train
     each `warmup + steps` steps, taking turns step by step, so that a change of machine load
@@ -369,6 +424,9 @@ def run_group(spec: dict[str, Any]) -> dict[str, Any]:
     common = dict(ac=spec["ac"], compile=spec["compile"], dtype=dtype, device=device)
     runs = []
     for m in spec["models"]:
+        if m["impl"] == "trainer":
+            runs.append(("trainer", TrainerStep(cfg, spec, device), None))
+            continue
         if m["impl"] == "ours":
             model = build_ours(cfg, patches=m["patches"], seed=spec["seed"], **common)
         else:
@@ -394,17 +452,20 @@ def run_group(spec: dict[str, Any]) -> dict[str, Any]:
         for i, (impl, model, optimizer) in enumerate(runs):
             sync()
             start = time.perf_counter()
-            if impl == "ours":
-                logits = model(inputs)
+            if impl == "trainer":
+                loss_value = model(tokens)  # the step's own sync brings the loss back
             else:
-                logits = model(input_ids=inputs, use_cache=False).logits
-            loss = cross_entropy_loss(logits, labels)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+                if impl == "ours":
+                    logits = model(inputs)
+                else:
+                    logits = model(input_ids=inputs, use_cache=False).logits
+                loss = cross_entropy_loss(logits, labels)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
             sync()
             step_times[i].append(time.perf_counter() - start)
-            losses[i].append(loss.item())
+            losses[i].append(loss_value if impl == "trainer" else loss.item())
 
     if len(runs) > 1:
         peak_mem = None
@@ -473,13 +534,28 @@ def setting_groups(args: argparse.Namespace) -> list[list[Setting]]:
         for ac in args.ac:
             for compile_mode in args.compile:
                 on = compile_mode == "on"
-                group = [Setting("ours", micro_batch, ac, on)]
-                for patches in args.ours_patch:
-                    group.append(Setting("ours", micro_batch, ac, on, patches))
-                if not args.no_hf and ac in _HF_AC_MODES:
+                group = []
+                if "trainer" in args.impl:
+                    group.append(Setting("trainer", micro_batch, ac, on))
+                if "ours" in args.impl and not under_torchrun():
+                    group.append(Setting("ours", micro_batch, ac, on))
+                    for patches in args.ours_patch:
+                        group.append(Setting("ours", micro_batch, ac, on, patches))
+                hf = "hf" in args.impl and not args.no_hf and not under_torchrun()
+                if hf and ac in _HF_AC_MODES:
                     group.append(Setting("hf", micro_batch, ac, on))
+                if not group:
+                    continue
+                if args.interleave and "trainer" in args.impl and len(group) > 1:
+                    # The trainer joins a process group: it runs in a process of its own.
+                    groups.append(group[:1])
+                    group = group[1:]
                 groups.extend([group] if args.interleave else [[s] for s in group])
     return groups
+
+
+def under_torchrun() -> bool:
+    return "LOCAL_RANK" in os.environ
 
 
 def _device_name(device: torch.device) -> str:
@@ -565,6 +641,10 @@ def header(env: dict[str, Any], cfg: LlamaConfig, seq_len: int, fpt: int, argv: 
         f"- {env['steps']} timed steps after {env['warmup']} warmup steps, {env['processes']}; "
         "a step is forward + fp32 cross entropy + backward + AdamW step "
         f"({env['adamw']}); tokens/s from the {env['stat']} step time\n"
+        "- trainer: the step launch/pretrain.py runs: FSDP2 over the process group (fp32 "
+        "master weights, compute in the dtype above, fp32 gradient reduction), fused AdamW, "
+        "forward_backward and the guarded step with its one host sync; ours: the bare model "
+        "with its parameters in the dtype above\n"
         "- HF: sdpa attention, the same weights; ac full = activation checkpointing of every "
         "decoder layer (non-reentrant), compile on = torch.compile per decoder layer\n"
         f"- load average (1 min) at start {env['load_start']:.2f}, at end {env['load_end']:.2f}"
@@ -576,6 +656,8 @@ def main(argv: Sequence[str] | None = None) -> Report:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     device = resolve_device(args.device)
+    if under_torchrun() and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     dtype = resolve_dtype(args.dtype, device)
     cfg, seq_len = model_config(args.preset, args.n_layers, args.seq_len, args.model_file)
     fpt = flops_per_token(cfg, seq_len)
@@ -602,7 +684,7 @@ def main(argv: Sequence[str] | None = None) -> Report:
             "threads": args.threads,
         }
         start = time.perf_counter()
-        res = spawn_group(spec)
+        res = run_group(spec) if under_torchrun() else spawn_group(spec)
         if "error" in res:
             results.update({s: res for s in group})
             status = res["error"]
@@ -644,7 +726,7 @@ def main(argv: Sequence[str] | None = None) -> Report:
     by_setting = {r.setting: r for r in rows}
     for r in rows:
         s = r.setting
-        if s.impl != "ours" or r.tokens_per_s is None:
+        if s.impl not in ("ours", "trainer") or r.tokens_per_s is None:
             continue
         # Selective recomputation has no HF counterpart; HF's full recomputation is the
         # memory-saving mode an HF user would pick instead.
@@ -676,6 +758,15 @@ def main(argv: Sequence[str] | None = None) -> Report:
         "load_end": os.getloadavg()[0],
     }
     markdown = header(env, cfg, seq_len, fpt, argv) + "\n" + table(rows)
+    if under_torchrun():
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        markdown = markdown.replace(
+            "\n| impl |", f"\nUnder torchrun: {world} ranks, figures per device.\n\n| impl |", 1
+        )
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        if int(os.environ.get("RANK", "0")) != 0:
+            return Report(rows, fpt, cfg, seq_len, markdown, env)
     print(markdown)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,5 @@
-"""Smoke test of benchmarks/mfu.py: one training step of ours and of HF on the debug preset,
-each in its own process, as the benchmark runs them."""
+"""Smoke test of benchmarks/mfu.py: one training step of the trainer, of the bare model and of
+HF on the debug preset, each in its own process, as the benchmark runs them."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def test_mfu_benchmark_runs_ours_and_hf(tmp_path: Path, monkeypatch: pytest.Monk
     )  # fmt: skip
 
     rows = {row.setting.impl: row for row in report.rows}
-    assert sorted(rows) == ["hf", "ours"] and len(report.rows) == 2
+    assert sorted(rows) == ["hf", "ours", "trainer"] and len(report.rows) == 3
     for row in report.rows:
         assert row.error is None, row.error
         assert row.tokens_per_s > 0 and row.step_time_s > 0 and row.peak_mem_gib > 0
@@ -49,9 +49,14 @@ def test_mfu_benchmark_runs_ours_and_hf(tmp_path: Path, monkeypatch: pytest.Monk
     assert ours.vs_hf == pytest.approx(ours.tokens_per_s / hf.tokens_per_s)
     # Same weights and data: the two implementations compute the same loss.
     assert ours.first_loss == pytest.approx(hf.first_loss, rel=1e-4)
+    # The trainer's step (FSDP2, fp32 master weights) starts from the same weights too.
+    trainer = rows["trainer"]
+    assert trainer.first_loss == pytest.approx(ours.first_loss, rel=1e-4)
+    assert trainer.vs_hf == pytest.approx(trainer.tokens_per_s / hf.tokens_per_s)
     # No peak given on CPU: MFU is left out rather than guessed.
     assert ours.mfu is None
 
     text = out.read_text()
     assert "| ours | 2 | none | off |" in text and "| hf | 2 | none | off |" in text
+    assert "| trainer | 2 | none | off |" in text
     assert f"model FLOPs/token {fpt:,}" in text

@@ -165,6 +165,13 @@ class LoopConfig:
     # that stopped answering where the backend can tell (gloo). Long enough for the slowest
     # step, evaluation or checkpoint save.
     collective_timeout_s: float = 600.0
+    # Python's garbage collector is off in the step loop and collects every N steps on every
+    # rank at once (a collection at a random moment on one rank stalls all the others); 0
+    # leaves it automatic.
+    gc_every: int = 100
+    # Prepare the next step's batches in a background thread (pinned memory, copied to the
+    # GPU on a side stream) while the current step runs.
+    prefetch: bool = True
     # derived in validation:
     grad_accum: int = 0
     global_batch: int = 0  # sequences (pairs) per optimizer step
@@ -656,6 +663,8 @@ def validate_loop(t: LoopConfig, *, global_batch: int, dp: int, what: str, fix: 
         raise ValueError(f"train.device={t.device!r} must be auto, cpu or cuda")
     if t.max_nonfinite_steps < 1:
         raise ValueError("train.max_nonfinite_steps must be >= 1")
+    if t.gc_every < 0:
+        raise ValueError(f"train.gc_every={t.gc_every} must be >= 0 (0: automatic collection)")
     check_collective_timeout(t.collective_timeout_s, "train.collective_timeout_s")
 
 

@@ -201,10 +201,16 @@ def two_rank_checks(root: Path, fsdp4_checkpoint: Path) -> dict:
     run = Trainer(FSDP, seed=0)
     sync = CheckpointManager(root / "sync", model_config=MODEL, keep_last=2)
     background = CheckpointManager(root / "async", model_config=MODEL, keep_last=2, async_save=True)
+    staged = []  # the host copies of the parameter shards after each async save
     for step in range(4):
         run.step(data[step])
         sync.save(run.train["step"], run.states())
         background.save(run.train["step"], run.states())
+        cache = background._stager._state_dict_stager._cached_storage_mapping
+        shards = [p.to_local().untyped_storage() for p in run.model.parameters()]
+        staged.append([id(cache[s]) if s in cache else None for s in shards])
+    # Allocated by the first save, reused by the next ones.
+    out["staged_reused"] = None not in staged[0] and all(ids == staged[0] for ids in staged)
     saved = run.snapshot()
     saved_draws = draw()
     # Training goes on (in place) while the last async save may still be writing.
@@ -363,6 +369,8 @@ def test_keep_last_and_async_save(two):
     assert sync_model.keys() == async_model.keys() == two["saved"]["params"].keys()
     for name, param in two["saved"]["params"].items():
         assert torch.equal(sync_model[name], param) and torch.equal(async_model[name], param)
+    # Every async save staged into the host buffers the first one allocated.
+    assert two["staged_reused"]
 
 
 def test_crash_mid_save_leaves_no_checkpoint(two):

@@ -378,3 +378,26 @@ def test_loader_and_config_errors(stream_data):
         DataConfig(paths=[prefix, prefix], weights=[1.0, -1.0]).validate()
     with pytest.raises(ValueError, match="all zero"):
         DataConfig(paths=[prefix], weights=[0.0]).validate()
+
+
+def test_prefetching_loader_hands_out_the_same_steps_and_resumes_exactly(stream_data):
+    _, prefix = stream_data
+    data = make_data([prefix])
+    kw = dict(global_batch=12, micro_batch=2, dp_rank=1, dp_size=3)
+    plain = TrainLoader(data, **kw)
+    ahead = TrainLoader(data, **kw, prefetch=True)
+    try:
+        for _ in range(4):
+            assert torch.equal(step_tokens(next(ahead)), step_tokens(next(plain)))
+        # Steps 2..4 came from the background thread; the position counts handed-out steps.
+        assert ahead._prefetcher.hits == 3
+        assert ahead.state_dict() == plain.state_dict() == {"consumed_samples": 48}
+        # A resume to another position drops the step prefetched for the old one.
+        ahead.load_state_dict({"consumed_samples": 12})
+        plain.load_state_dict({"consumed_samples": 12})
+        assert torch.equal(step_tokens(next(ahead)), step_tokens(next(plain)))
+        assert ahead._prefetcher.hits == 3
+        assert torch.equal(step_tokens(next(ahead)), step_tokens(next(plain)))
+        assert ahead._prefetcher.hits == 4
+    finally:
+        ahead.close()

@@ -60,6 +60,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import FileSystem
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -435,6 +436,22 @@ class CheckpointManager:
         self._group: dist.ProcessGroup | None = None
         if async_save and dist.is_initialized():
             self._group = dist.new_group(backend="gloo")
+        # One stager for every async save: the host copies of the states are allocated by the
+        # first save (pinned on CUDA, so the device-to-host copy runs at full speed) and
+        # reused by the next ones, which only copy into them. Staging is synchronous: the
+        # training stalls for the copy, not for the write, and never changes a tensor while
+        # it is being copied.
+        self._stager: DefaultStager | None = None
+        if async_save:
+            cuda = torch.cuda.is_available()
+            self._stager = DefaultStager(
+                StagingOptions(
+                    use_pinned_memory=cuda,
+                    use_shared_memory=False,
+                    use_async_staging=False,
+                    use_non_blocking_copy=cuda,
+                )
+            )
 
     # Saving -------------------------------------------------------------------------------
     def save(self, step: int, states: Mapping[str, Any]) -> Path:
@@ -489,7 +506,9 @@ class CheckpointManager:
             self._raise_together(error)
             return final
 
-        response = dcp.async_save(request, storage_writer=writer, process_group=self._group)
+        response = dcp.async_save(
+            request, storage_writer=writer, process_group=self._group, async_stager=self._stager
+        )
         # An AsyncSaveResponse when staging is asynchronous too, else the upload future.
         future = getattr(response, "upload_completion", response)
         pending = _PendingSave(future=future, tmp=tmp, final=final, started=started, states=states)
@@ -521,6 +540,9 @@ class CheckpointManager:
             return
         self.wait()
         self._closed = True
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None
         if self._group is not None:
             dist.destroy_process_group(self._group)
             self._group = None

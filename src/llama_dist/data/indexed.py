@@ -21,6 +21,7 @@ import math
 import struct
 from collections import OrderedDict
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -414,6 +415,8 @@ class TrainLoader:
         micro_batch: int,
         dp_rank: int,
         dp_size: int,
+        prefetch: bool = False,
+        device: torch.device | None = None,
     ) -> None:
         for name, value in (
             ("global_batch", global_batch),
@@ -441,21 +444,37 @@ class TrainLoader:
         self.per_rank = global_batch // dp_size
         self.grad_accum = self.per_rank // micro_batch
         self.consumed_samples = 0
+        self._prefetcher = _Prefetcher(self.step_at, device) if prefetch else None
 
     def __iter__(self) -> TrainLoader:
         return self
 
-    def __next__(self) -> list[dict[str, torch.Tensor]]:
-        first = self.consumed_samples + self.dp_rank * self.per_rank
-        step = [
+    def step_at(self, consumed_samples: int) -> list[dict[str, torch.Tensor]]:
+        """This rank's micro-batches of the step that starts at `consumed_samples` (pure: the
+        position does not move)."""
+        first = consumed_samples + self.dp_rank * self.per_rank
+        return [
             self.data.micro_batch(
                 [self.data.train_sample(g) for g in range(start, start + self.micro_batch)]
             )
             for start in range(first, first + self.per_rank, self.micro_batch)
         ]
-        # Counted when handed out, so a checkpoint written after this step resumes after it.
+
+    def __next__(self) -> list[dict[str, torch.Tensor]]:
+        position = self.consumed_samples
+        step = None if self._prefetcher is None else self._prefetcher.take(position)
+        if step is None:
+            step = self.step_at(position)
+        # Counted when handed out, so a checkpoint written after this step resumes after it
+        # (a prefetched step is not handed out until asked for).
         self.consumed_samples += self.global_batch
+        if self._prefetcher is not None:
+            self._prefetcher.schedule(self.consumed_samples)
         return step
+
+    def close(self) -> None:
+        if self._prefetcher is not None:
+            self._prefetcher.close()
 
     def state_dict(self) -> dict[str, int]:
         return {"consumed_samples": self.consumed_samples}
@@ -465,6 +484,59 @@ class TrainLoader:
         if consumed < 0:
             raise ValueError(f"consumed_samples={consumed} in the loader state must be >= 0")
         self.consumed_samples = consumed
+
+
+class _Prefetcher:
+    """The next step's micro-batches, built in a background thread while the current step
+    runs: on CUDA pinned and copied to the device on a side stream (the step's stream waits for
+    the copy's event), elsewhere left on the host. Keyed by the loader position, so a step
+    prefetched for a position the loader left (a resume loads another) is dropped."""
+
+    def __init__(self, compute, device: torch.device | None) -> None:
+        self._compute = compute
+        self._device = device
+        self._cuda = device is not None and device.type == "cuda"
+        self._stream = torch.cuda.Stream(device) if self._cuda else None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="llama_dist-prefetch")
+        self._pending: tuple[int, Future] | None = None
+        self.hits = 0  # steps handed out from the prefetch (for tests)
+
+    def schedule(self, position: int) -> None:
+        self._pending = (position, self._pool.submit(self._prepare, position))
+
+    def _prepare(self, position: int):
+        step = self._compute(position)
+        if not self._cuda:
+            return step, None
+        with torch.cuda.stream(self._stream):
+            step = [
+                {k: v.pin_memory().to(self._device, non_blocking=True) for k, v in mb.items()}
+                for mb in step
+            ]
+            event = torch.cuda.Event()
+            event.record(self._stream)
+        return step, event
+
+    def take(self, position: int) -> list[dict[str, torch.Tensor]] | None:
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        key, future = pending
+        step, event = future.result()  # also when stale: no two threads build at once
+        if key != position:
+            return None
+        if event is not None:
+            current = torch.cuda.current_stream(self._device)
+            current.wait_event(event)
+            for mb in step:
+                for t in mb.values():
+                    t.record_stream(current)
+        self.hits += 1
+        return step
+
+    def close(self) -> None:
+        self._pending = None
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 class ValidLoader:

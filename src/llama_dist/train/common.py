@@ -38,7 +38,13 @@ from llama_dist.metrics.logger import MetricsLogger, peak_memory_gib
 from llama_dist.metrics.mfu import peak_flops
 from llama_dist.models.config import LlamaConfig
 from llama_dist.models.flops import flops_per_token
-from llama_dist.parallel import ParallelConfig, build_adamw, build_llama, init_distributed
+from llama_dist.parallel import (
+    ParallelConfig,
+    build_adamw,
+    build_llama,
+    clip_grad_norm_,
+    init_distributed,
+)
 from llama_dist.parallel.fsdp import resolve_dtype
 from llama_dist.parallel.mesh import DEFAULT_COLLECTIVE_TIMEOUT_S, explain_collective_timeout
 from llama_dist.train.resume_check import (
@@ -48,7 +54,7 @@ from llama_dist.train.resume_check import (
     new_settings,
 )
 from llama_dist.train.run_lock import hold_run_folder, release_run_folders
-from llama_dist.train.step import StopSignal, Throughput, TrainState, clip_and_check
+from llama_dist.train.step import GarbageCollection, StopSignal, Throughput, TrainState
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +182,7 @@ class Training:
     checkpoints: CheckpointManager
     states: dict[str, Any]
     step: GuardedStep
+    outcome: StepOutcome | None = None  # the last step's
 
 
 def build_training(
@@ -254,18 +261,18 @@ def throughput_meter(
 
 
 def step_metrics(
-    loss: torch.Tensor,
-    grad_norm: float,
+    outcome: StepOutcome,
     training: Training,
     throughput: Throughput,
     device: torch.device,
 ) -> dict[str, float]:
     """What every loop logs after an optimizer step: loss, lr, gradient norm, throughput
-    since the last report, peak memory and the count of skipped steps."""
+    since the last report, peak memory and the count of skipped steps (no host sync: the
+    step's outcome holds the values)."""
     return {
-        "loss": loss.item(),
+        "loss": outcome.loss,
         "lr": training.scheduler.get_last_lr()[0],
-        "grad_norm": grad_norm,
+        "grad_norm": outcome.grad_norm,
         **throughput.report(),
         "peak_memory_gib": peak_memory_gib(device),
         "skipped_steps": training.state.skipped_steps,
@@ -279,17 +286,24 @@ def finish_step(
     tokens: int,
     throughput: Throughput,
     metrics: MetricsLogger,
-) -> float:
-    """After a step's `forward_backward`: the guarded optimizer step and the counters (step,
-    tokens seen, skipped steps, throughput, progress bar); returns the gradient norm."""
+    stop: StopSignal | None = None,
+    gc: GarbageCollection | None = None,
+) -> StepOutcome:
+    """After a step's `forward_backward`: the guarded optimizer step (with `stop`'s flag in
+    its one host sync, read by `end_of_step`) and the counters (step, tokens seen, skipped
+    steps, throughput, progress bar), then `gc`'s collection where due."""
     state = training.state
     state.step += 1
     state.tokens_seen += tokens
-    grad_norm, applied = training.step(loss, step=state.step)
-    state.skipped_steps += not applied
+    flag = None if stop is None else stop.flag(loss.device)
+    outcome = training.step(loss, step=state.step, stop_flag=flag)
+    training.outcome = outcome
+    state.skipped_steps += not outcome.applied
     throughput.add(tokens)
     metrics.advance(state.step)
-    return grad_norm
+    if gc is not None:
+        gc.step(state.step)
+    return outcome
 
 
 def end_of_step(
@@ -312,8 +326,13 @@ def end_of_step(
     throughput.pause()
     if (train.eval_every and step % train.eval_every == 0) or done:
         validate(step)
-    # Collective: ranks agree even if the signal reached them at different steps.
-    signalled = stop.should_stop(device)
+    # Collective: ranks agree even if the signal reached them at different steps. The step's
+    # own sync brought the flag back where the loop passed `stop` to finish_step.
+    outcome = training.outcome
+    if outcome is not None and outcome.stop is not None:
+        signalled = outcome.stop
+    else:
+        signalled = stop.should_stop(device)
     stopping = signalled or step == train.stop_after
     if step % checkpoint.every == 0 or done or stopping:
         saved = training.checkpoints.save(step, training.states)
@@ -442,9 +461,32 @@ def _damaged_message(damaged: list[tuple[Path, str]], intact: Path | None, folde
 
 
 @dataclass
+class StepOutcome:
+    """What an optimizer step's one host synchronisation brings back."""
+
+    grad_norm: float
+    applied: bool  # False: the loss or gradient norm was not finite, the update skipped
+    loss: float
+    stop: bool | None  # a rank was signalled (None: not asked, see GuardedStep)
+
+
+def _skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether `optimizer` skips its update by a device flag (torch's fused Adam/AdamW take
+    `found_inf`, as GradScaler uses them), so no host sync is needed before the step."""
+    return isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) and all(
+        g.get("fused") for g in optimizer.param_groups
+    )
+
+
+@dataclass
 class GuardedStep:
     """Clip, then step the optimizer unless the loss or gradient norm is not finite; abort
-    after `max_nonfinite` such steps in a row."""
+    after `max_nonfinite` such steps in a row.
+
+    One host synchronisation per step: the norm, the loss, the finite check and the stop flag
+    come back together in one `.tolist()`. With torch's fused AdamW (the default) the update is
+    skipped on the device (`found_inf`), so that sync comes after the step is queued; other
+    implementations need it before."""
 
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -452,13 +494,31 @@ class GuardedStep:
     clip_grad_norm: float
     max_nonfinite: int
     nonfinite_in_a_row: int = 0
+    host_syncs: int = 0  # counted, for the tests
 
-    def __call__(self, loss: torch.Tensor, *, step: int) -> tuple[float, bool]:
-        """(gradient norm, whether the step was applied) for optimizer step `step`."""
-        grad_norm, finite = clip_and_check(self.params, self.clip_grad_norm)
-        applied = bool(torch.isfinite(loss)) and finite
+    def __call__(
+        self, loss: torch.Tensor, *, step: int, stop_flag: torch.Tensor | None = None
+    ) -> StepOutcome:
+        """The outcome of optimizer step `step`; `stop_flag` (StopSignal.flag) rides along."""
+        value = loss.detach().float().reshape(())
+        norm = clip_grad_norm_(self.params, self.clip_grad_norm).to(value.device).reshape(())
+        bad = (~(torch.isfinite(norm) & torch.isfinite(value))).float()
+        stop = torch.zeros_like(value) if stop_flag is None else stop_flag.to(value)
+        packed = torch.stack([norm, value, bad, stop.reshape(())])
+        if _skips_on_device(self.optimizer):
+            self.optimizer.found_inf = bad
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
+            grad_norm, loss_value, skipped, stopped = packed.tolist()  # the step's one sync
+        else:
+            grad_norm, loss_value, skipped, stopped = packed.tolist()  # the step's one sync
+            if not skipped:
+                self.optimizer.step()
+        self.host_syncs += 1
+        applied = not skipped
         if applied:
-            self.optimizer.step()
             self.nonfinite_in_a_row = 0
         else:
             self.nonfinite_in_a_row += 1
@@ -471,7 +531,9 @@ class GuardedStep:
                 )
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return grad_norm, applied
+        return StepOutcome(
+            grad_norm, applied, loss_value, None if stop_flag is None else bool(stopped)
+        )
 
 
 def device_peak_flops(

@@ -432,7 +432,7 @@ def ppo(cfg: PPOJobConfig, run_dir: Path) -> TrainState:
                         device=device,
                         objective=policy_objective,
                     )
-                    grad_norms.append(step_policy(out.loss, step=iteration)[0])
+                    grad_norms.append(step_policy(out.loss, step=iteration).grad_norm)
                     policy_losses.append(out.loss.item())
                     out = forward_backward(
                         value,

@@ -34,7 +34,13 @@ from llama_dist.train.common import (
     step_metrics,
     throughput_meter,
 )
-from llama_dist.train.step import StopSignal, TrainState, evaluate, forward_backward
+from llama_dist.train.step import (
+    GarbageCollection,
+    StopSignal,
+    TrainState,
+    evaluate,
+    forward_backward,
+)
 
 log = logging.getLogger("llama_dist.train.pretrain")
 
@@ -100,6 +106,8 @@ def pretrain(cfg: JobConfig, run_dir: Path) -> TrainState:
         micro_batch=cfg.train.micro_batch,
         dp_rank=dp_rank,
         dp_size=dp_size,
+        prefetch=cfg.train.prefetch,
+        device=device,
     )
     training = build_training(
         model_cfg,
@@ -139,6 +147,7 @@ def pretrain(cfg: JobConfig, run_dir: Path) -> TrainState:
         model_cfg, seq_len=cfg.data.seq_len, train=cfg.train, parallel=cfg.parallel, device=device
     )
     stop = StopSignal()
+    collector = GarbageCollection(cfg.train.gc_every)
     batches = iter(loader)
     last_saved: Path | None = None
 
@@ -153,11 +162,17 @@ def pretrain(cfg: JobConfig, run_dir: Path) -> TrainState:
         while state.step < cfg.train.steps:
             micro_batches = next(batches)
             loss = forward_backward(model, micro_batches, parallel=cfg.parallel, device=device).loss
-            grad_norm = finish_step(
-                training, loss, tokens=tokens_per_step, throughput=throughput, metrics=metrics
+            outcome = finish_step(
+                training,
+                loss,
+                tokens=tokens_per_step,
+                throughput=throughput,
+                metrics=metrics,
+                stop=stop,
+                gc=collector,
             )
             if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
-                metrics.log(state.step, step_metrics(loss, grad_norm, training, throughput, device))
+                metrics.log(state.step, step_metrics(outcome, training, throughput, device))
             saved, stopping = end_of_step(
                 training,
                 total_steps=cfg.train.steps,
@@ -172,8 +187,10 @@ def pretrain(cfg: JobConfig, run_dir: Path) -> TrainState:
             if stopping:
                 break
     finally:
+        loader.close()
         checkpoints.close()
         stop.restore()
+        collector.restore()
         metrics.close()
 
     dist.barrier()  # every checkpoint is complete; the other ranks are done

@@ -53,6 +53,7 @@ from llama_dist.train.common import (
 )
 from llama_dist.train.pretrain import check_tokenizer
 from llama_dist.train.step import (
+    GarbageCollection,
     StopSignal,
     TrainState,
     data_parallel_sum,
@@ -357,6 +358,7 @@ def train_reward_model(cfg: RewardJobConfig, run_dir: Path) -> TrainState:
         model_cfg, seq_len=cfg.data.max_len, train=cfg.train, parallel=cfg.parallel, device=device
     )
     stop = StopSignal()
+    collector = GarbageCollection(cfg.train.gc_every)
     results: dict[str, dict[str, torch.Tensor]] = {}
 
     def validate(step: int) -> None:
@@ -384,11 +386,17 @@ def train_reward_model(cfg: RewardJobConfig, run_dir: Path) -> TrainState:
             out = forward_backward(
                 model, micro_batches, parallel=cfg.parallel, device=device, objective=objective
             )
-            grad_norm = finish_step(
-                training, out.loss, tokens=tokens, throughput=throughput, metrics=metrics
+            outcome = finish_step(
+                training,
+                out.loss,
+                tokens=tokens,
+                throughput=throughput,
+                metrics=metrics,
+                stop=stop,
+                gc=collector,
             )
             if state.step % cfg.train.log_every == 0 or state.step == total_steps:
-                record = step_metrics(out.loss, grad_norm, training, throughput, device)
+                record = step_metrics(outcome, training, throughput, device)
                 metrics.log(state.step, {**record, "epoch": loader.epoch()})
             _, stopping = end_of_step(
                 training,
@@ -405,6 +413,7 @@ def train_reward_model(cfg: RewardJobConfig, run_dir: Path) -> TrainState:
     finally:
         checkpoints.close()
         stop.restore()
+        collector.restore()
         metrics.close()
 
     dist.barrier()

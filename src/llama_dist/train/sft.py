@@ -45,7 +45,13 @@ from llama_dist.train.common import (
     throughput_meter,
 )
 from llama_dist.train.pretrain import MAX_SAMPLE_PARAMS, check_tokenizer
-from llama_dist.train.step import StopSignal, TrainState, evaluate, forward_backward
+from llama_dist.train.step import (
+    GarbageCollection,
+    StopSignal,
+    TrainState,
+    evaluate,
+    forward_backward,
+)
 
 log = logging.getLogger("llama_dist.train.sft")
 
@@ -164,6 +170,7 @@ def sft(cfg: SFTJobConfig, run_dir: Path) -> TrainState:
         model_cfg, seq_len=cfg.data.seq_len, train=cfg.train, parallel=cfg.parallel, device=device
     )
     stop = StopSignal()
+    collector = GarbageCollection(cfg.train.gc_every)
     last_saved: Path | None = None
 
     def validate(step: int) -> None:
@@ -179,11 +186,17 @@ def sft(cfg: SFTJobConfig, run_dir: Path) -> TrainState:
             validate(0)
         while state.step < total_steps:
             out = forward_backward(model, next(loader), parallel=cfg.parallel, device=device)
-            grad_norm = finish_step(
-                training, out.loss, tokens=tokens_per_step, throughput=throughput, metrics=metrics
+            outcome = finish_step(
+                training,
+                out.loss,
+                tokens=tokens_per_step,
+                throughput=throughput,
+                metrics=metrics,
+                stop=stop,
+                gc=collector,
             )
             if state.step % cfg.train.log_every == 0 or state.step == total_steps:
-                record = step_metrics(out.loss, grad_norm, training, throughput, device)
+                record = step_metrics(outcome, training, throughput, device)
                 metrics.log(
                     state.step,
                     {
@@ -208,6 +221,7 @@ def sft(cfg: SFTJobConfig, run_dir: Path) -> TrainState:
     finally:
         checkpoints.close()
         stop.restore()
+        collector.restore()
         metrics.close()
 
     dist.barrier()

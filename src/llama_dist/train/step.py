@@ -6,6 +6,7 @@ these rather than inheriting from a base trainer.
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import signal
@@ -84,7 +85,12 @@ class NextTokenLoss:
 @dataclass
 class StepOutput:
     loss: torch.Tensor  # the step's mean loss over all its units (labelled tokens, pairs)
-    num_units: int  # units over all micro-batches and data-parallel ranks
+    units: torch.Tensor  # units over all micro-batches and data-parallel ranks, on the device
+
+    @property
+    def num_units(self) -> int:
+        """`units` read to the host (a synchronisation: for logging steps)."""
+        return int(self.units.item())
 
 
 def data_parallel_sum(t: torch.Tensor, *, parallel: ParallelConfig) -> torch.Tensor:
@@ -102,11 +108,20 @@ def data_parallel_sum(t: torch.Tensor, *, parallel: ParallelConfig) -> torch.Ten
 
 
 def global_count(local: int, *, parallel: ParallelConfig, device: torch.device) -> int:
-    """`local` summed over the data-parallel ranks (`data_parallel_sum`)."""
+    """`local` summed over the data-parallel ranks (`data_parallel_sum`), on the host."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return local
+    return int(global_count_tensor(local, parallel=parallel, device=device).item())
+
+
+def global_count_tensor(
+    local: int, *, parallel: ParallelConfig, device: torch.device
+) -> torch.Tensor:
+    """`local` summed over the data-parallel ranks, left on the device (no host sync)."""
     total = torch.tensor(local, dtype=torch.int64, device=device)
-    return int(data_parallel_sum(total, parallel=parallel).item())
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        data_parallel_sum(total, parallel=parallel)
+    return total
 
 
 def forward_backward(
@@ -127,11 +142,13 @@ def forward_backward(
     or on every one with `parallel.grad_sync=every`.
     """
     objective = objective or NextTokenLoss()
-    count = global_count(
+    # On the device: the count never comes to the host (the step's one sync is the optimizer's).
+    count = global_count_tensor(
         sum(objective.count(b) for b in micro_batches), parallel=parallel, device=device
     )
     # A step with nothing to learn from (every label masked) contributes zero gradients.
-    scale = parallel.dp / max(count, 1)
+    units = count.clamp(min=1).to(torch.float32)
+    scale = parallel.dp / units
     total = torch.zeros((), device=device)
     accum = len(micro_batches)
     for i, batch in enumerate(micro_batches):
@@ -141,7 +158,7 @@ def forward_backward(
             (loss_sum * scale).backward()
         total += _local(loss_sum).detach().float()
     data_parallel_sum(total, parallel=parallel)
-    return StepOutput(loss=total / max(count, 1), num_units=count)
+    return StepOutput(loss=total / units, units=count)
 
 
 @torch.no_grad()
@@ -177,6 +194,27 @@ def evaluate(
         dist.all_reduce(count)
     loss = (total / count.clamp(min=1)).item()
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+class GarbageCollection:
+    """Python's collector off in the step loop, with a collection every `every` steps (0:
+    automatic, left alone). Every rank collects at the same step, so no rank stalls the
+    others at a moment of its own; `restore` turns automatic collection back on."""
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+        self._was_enabled = gc.isenabled()
+        if every > 0:
+            gc.disable()
+            gc.collect(1)
+
+    def step(self, step: int) -> None:
+        if self.every > 0 and step % self.every == 0:
+            gc.collect(1)
+
+    def restore(self) -> None:
+        if self.every > 0 and self._was_enabled:
+            gc.enable()
 
 
 def clip_and_check(parameters: list[nn.Parameter], max_norm: float) -> tuple[float, bool]:
@@ -271,11 +309,16 @@ class StopSignal:
                     os._exit(128 + signum)
                 interrupted = interrupted or signum == signal.SIGINT
 
-    def should_stop(self, device: torch.device) -> bool:
+    def flag(self, device: torch.device) -> torch.Tensor:
+        """1.0 on every rank if any rank was signalled, as a device tensor: a collective, but
+        no host synchronisation (the step folds it into its one; `GuardedStep`)."""
         flag = torch.tensor(float(self.received is not None), device=device)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return flag
+
+    def should_stop(self, device: torch.device) -> bool:
+        return bool(self.flag(device).item())
 
     def restore(self) -> None:
         signal.set_wakeup_fd(self._previous_wakeup)
