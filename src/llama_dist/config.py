@@ -546,6 +546,108 @@ class ContextDistillationJobConfig:
     run_name: str = "context-distillation"
 
 
+@dataclass
+class GattInstructionConfig:
+    """How dialogs without an instruction get one (rlhf/instructions.sample_instruction): 1 to
+    `max_constraints` constraints of different categories, each shortened with `short_prob`."""
+
+    seed: int = 0
+    max_constraints: int = 3
+    short_prob: float = 0.5  # the paper shortens half of them
+    require_check: bool = False  # at least one checkable rule per training instruction
+
+    def validate(self) -> GattInstructionConfig:
+        if self.max_constraints < 1:
+            raise ValueError(f"instructions.max_constraints={self.max_constraints} must be >= 1")
+        if not 0.0 <= self.short_prob <= 1.0:
+            raise ValueError(f"instructions.short_prob={self.short_prob} must be in [0, 1]")
+        return self
+
+
+@dataclass
+class SyntheticDialogsConfig:
+    """The synthetic dialog task (data/gatt.write_synthetic_dialogs), used when `dialogs` is
+    empty: "repeat: w1 w2" user turns, a start or end word as the instruction."""
+
+    n: int = 256  # training dialogs
+    turns: int = 10  # user messages per dialog
+    words_per_turn: list[int] = field(default_factory=lambda: [2, 4])  # [lo, hi] repeated words
+    seed: int = 0
+
+    def validate(self) -> SyntheticDialogsConfig:
+        if self.n < 1 or self.turns < 1:
+            raise ValueError(f"synthetic.n={self.n} and synthetic.turns={self.turns} must be >= 1")
+        lo_hi = list(self.words_per_turn)
+        if len(lo_hi) != 2 or not 1 <= lo_hi[0] <= lo_hi[1]:
+            raise ValueError(
+                f"synthetic.words_per_turn={lo_hi} must be [lo, hi] with 1 <= lo <= hi"
+            )
+        return self
+
+
+def _greedy(max_new_tokens: int) -> PromptGenerationConfig:
+    return PromptGenerationConfig(temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens)
+
+
+@dataclass
+class GattEvalConfig:
+    """The adherence evaluation (rlhf/gatt_eval.py, the paper's Table 30): each model talks
+    through held-out dialogs, the instruction in the first turn only, every answer checked."""
+
+    # JSON / JSONL dialog files (data/gatt.py layouts); empty: a synthetic set (seed `seed`)
+    # with the synthetic task, or else the last `num_dialogs` of `dialogs`, held out
+    dialogs: list[str] = field(default_factory=list)
+    num_dialogs: int = 50
+    num_turns: int = 20  # turns 1..num_turns (Table 30: up to 20)
+    seed: int = 1000  # synthetic eval dialogs, and instructions drawn for eval dialogs
+    sampling: PromptGenerationConfig = field(default_factory=lambda: _greedy(128))
+
+    def validate(self) -> GattEvalConfig:
+        if self.num_dialogs < 1 or self.num_turns < 1:
+            raise ValueError(
+                f"eval.num_dialogs={self.num_dialogs} and eval.num_turns={self.num_turns} "
+                "must be >= 1"
+            )
+        self.sampling.validate("eval.sampling")
+        return self
+
+
+GATT_RESPONDERS = ("policy", "rule")
+
+
+@dataclass
+class GattJobConfig:
+    """Ghost Attention (llama2.md, "Ghost Attention, GAtt"): the policy answers multi-turn
+    dialogs with the instruction concatenated to every user turn, the samples keep it in the
+    first turn only with the loss on the last turn, and the policy is fine-tuned on them; the
+    adherence table before and after (train/gatt.py)."""
+
+    policy: str | None = None  # the checkpoint to sample with (and to fine-tune)
+    tokenizer: str | None = None
+    # JSON / JSONL files of multi-turn dialogs ({"users": [...]} or SFT "messages", an
+    # "instruction" optional); empty: the synthetic task, written into the run folder
+    dialogs: list[str] = field(default_factory=list)
+    synthetic: SyntheticDialogsConfig = field(default_factory=SyntheticDialogsConfig)
+    instructions: GattInstructionConfig = field(default_factory=GattInstructionConfig)
+    # policy: the assistant turns sampled by the policy through the generation engine (the
+    # paper); rule: a rule that follows the instruction while it is in the turn
+    # (data/gatt.RuleResponder), for the synthetic task where a small model cannot yet
+    responder: str = "policy"
+    num_turns: int = 8  # turns sampled per dialog at most (the augmented dialog grows fast)
+    per_turn: bool = True  # one sample per turn (turn t trained with its history) | per dialog
+    placement: str = "system"  # the instruction in the sample: system message | prefix
+    sampling: PromptGenerationConfig = field(default_factory=_cd_sampling)
+    # Also fine-tune on the same dialogs without GAtt (instruction in the first turn only,
+    # every turn trained: data/gatt.write_baseline_data) into baseline/, and report it
+    baseline: bool = False
+    eval: GattEvalConfig = field(default_factory=GattEvalConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    device: str = "auto"  # auto | cpu | cuda
+    collective_timeout_s: float = 600.0  # a collective that waits longer fails, naming ranks
+    sft: SFTJobConfig = field(default_factory=_rs_sft)  # the fine-tuning (its layout is ours)
+    run_name: str = "gatt"
+
+
 def _eval_sampling() -> PromptGenerationConfig:
     # Greedy: every checkpoint answers the same prompts the same deterministic way.
     return PromptGenerationConfig(temperature=0.0, top_p=1.0)
@@ -588,6 +690,7 @@ def register_configs() -> None:
     cs.store(name="rejection_sampling_schema", node=RejectionSamplingJobConfig)
     cs.store(name="ppo_schema", node=PPOJobConfig)
     cs.store(name="context_distillation_schema", node=ContextDistillationJobConfig)
+    cs.store(name="gatt_schema", node=GattJobConfig)
     cs.store(name="safety_eval_schema", node=SafetyEvalJobConfig)
 
 
