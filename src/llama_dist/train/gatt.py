@@ -434,13 +434,21 @@ def _table_of(record: dict) -> AdherenceTable:
 
 
 def _attention_map(
-    gen_model, tokenizer: Tokenizer, d: GattDialog, answers: list[str], path: Path, label: str
+    gen_model,
+    tokenizer: Tokenizer,
+    d: GattDialog,
+    answers: list[str],
+    path: Path,
+    *,
+    label: str,
+    placement: str,
 ) -> bool:
     """The heat map of the attention the last answer that fits pays to the instruction."""
+    text = d.instruction.text
     for k in range(min(len(answers), len(d.users)), 0, -1):
-        dialog = conversation(d.users[:k], answers[:k], system=d.instruction.text)
+        dialog = conversation(d.users[:k], answers[:k], system=text, placement=placement)
         if len(encode_dialog(tokenizer, dialog).ids) <= gen_model.cfg.max_seq_len:
-            result = system_attention(gen_model, tokenizer, dialog)
+            result = system_attention(gen_model, tokenizer, dialog, instruction=text)
             plot_system_attention(
                 result, path, title=f"{label}: attention to the instruction at turn {k}"
             )
@@ -676,7 +684,8 @@ def _evaluate(
             held_out[0],
             table.answers[0],
             run_dir / f"attention-{name}.png",
-            MODELS[name][0],
+            label=MODELS[name][0],
+            placement=cfg.placement,
         )
     _write(run_dir / f"adherence-{name}.json", json.dumps(record, indent=1))
     log.info("adherence of %s: %s", name, table.rows()["all"])
