@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint pretrain chat-demo rlhf-demo
+.PHONY: install test lint pretrain chat-demo rlhf-demo recipe-demo
 
 # Re-runs only when the pins or the package metadata change. torch comes first so nothing
 # that depends on it pulls a CUDA build.
@@ -80,3 +80,12 @@ rlhf-demo: $(STAMP)
 	    device=cpu wandb=false run_name=rlhf-demo-ppo $(PPO_ARGS)
 	@echo "rejection sampling: runs/rlhf-demo-rs/iter-1 (report.md, best_of_k.png, kept.jsonl, sft/)"
 	@echo "PPO: runs/rlhf-demo-ppo (metrics.jsonl, checkpoints/)"
+
+# The whole Llama 2 recipe in one command (conf/recipe.yaml): pretrain -> SFT -> Helpfulness
+# and Safety RMs -> RLHF V1 (rejection sampling), V2 (rejection sampling, then PPO) -> GAtt ->
+# safety context distillation -> evaluation, on a synthetic chat task with known rules, into
+# runs/recipe-demo (overview.md closes it). A rerun skips the stages that are done. Extra
+# overrides: RECIPE_ARGS="...".
+recipe-demo: $(STAMP)
+	$(PY) launch/recipe.py $(RECIPE_ARGS)
+	@echo "overview: runs/recipe-demo/overview.md"

@@ -174,3 +174,15 @@ def test_the_slurm_chain_submits_each_stage_after_the_previous_one(tmp_path):
     # The marker a successful stage leaves is the one a local rerun reads.
     marker = ppo.split("<<'EOF'\n", 1)[1].split("\nEOF", 1)[0]
     assert json.loads(marker)["stage"] == "ppo-v2"
+
+
+def test_a_mistyped_key_of_a_late_stage_is_refused_before_anything_runs(tmp_path):
+    cfg = config(
+        tmp_path,
+        pretrain=["model=debug"],
+        ppo=["ppo.iterations=4"],  # PPOJobConfig has `iterations`, not ppo.iterations
+        prepare=["false"],  # would fail the chain if anything ran
+    )
+    with pytest.raises(ValueError, match=r"stage ppo-v2: .*ppo\.iterations"):
+        run_chain(cfg, python=sys.executable)
+    assert not (tmp_path / "run").exists()

@@ -373,16 +373,52 @@ def check_done_stages(stages: Sequence[Stage]) -> None:
             )
 
 
+def check_stage_configs(stages: Sequence[Stage], *, conf_dir: Path | None = None) -> None:
+    """Before anything runs: every stage's overrides compose into its entry point's schema (a
+    mistyped key of the last stage is found now, not hours later). Paths are not checked: the
+    earlier stages write them."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from llama_dist.config import register_configs
+    from llama_dist.config_keys import to_typed_config
+
+    register_configs()
+    conf_dir = conf_dir or Path(__file__).resolve().parents[2] / "conf"
+    if not conf_dir.is_dir():
+        return  # an installed package without the repository's conf/: the stages check
+    hydra_was = GlobalHydra.instance().is_initialized()
+    if hydra_was:
+        return  # inside another Hydra app (a test's compose): leave its state alone
+    for stage in stages:
+        name = stage.config_name or Path(stage.script).stem
+        overrides = [o for o in stage.overrides if not o.startswith("hydra.")]
+        try:
+            with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+                to_typed_config(compose(name, overrides=overrides))
+        except Exception as e:  # noqa: BLE001 - Hydra's and the schema's errors alike
+            raise ValueError(f"recipe: stage {stage.name}: {e}") from e
+
+
+def _command_line(command: str, python: str) -> list[str]:
+    """A prepare command's argv; a leading `python` is the interpreter running the recipe."""
+    argv = shlex.split(command)
+    if argv and argv[0] in ("python", "python3"):
+        argv[0] = python
+    return argv
+
+
 def run_chain(cfg: RecipeConfig, *, python: str = sys.executable, cwd: Path | None = None) -> int:
     """Run the stages not done yet, in order; returns the first failing stage's exit code
     (2: a mistake in its config, 3: stopped early, resumable by running the chain again)."""
     stages = plan_stages(cfg)
     check_done_stages(stages)
+    check_stage_configs(stages)
     run = Path(cfg.run_dir)
     run.mkdir(parents=True, exist_ok=True)
     for command in cfg.prepare:
         log.info("recipe: prepare: %s", command)
-        code = subprocess.call(shlex.split(command), cwd=cwd)
+        code = subprocess.call(_command_line(command, python), cwd=cwd)
         if code:
             log.error("recipe: prepare command failed (exit %d): %s", code, command)
             return code

@@ -122,10 +122,12 @@ def validate_rejection_sampling(cfg: RejectionSamplingJobConfig, world_size: int
 def fine_tune_config(cfg: Any, kept: Path) -> SFTJobConfig:
     """The SFT job that fine-tunes `cfg.policy` on the `kept` set: `cfg.sft` with the policy,
     tokenizer, layout and device of the stage `cfg` (any job config with these fields, e.g.
-    rejection sampling's or context distillation's)."""
+    rejection sampling's or context distillation's). Files in `cfg.sft.data.paths` are
+    trained on beside the kept set (e.g. the SFT data, so a narrow kept set does not make the
+    model forget the rest, as the paper mixes GAtt data into its RLHF data)."""
     job = copy.deepcopy(cfg.sft)
     job.init_from, job.tokenizer = cfg.policy, cfg.tokenizer
-    job.data.paths = [str(kept)]
+    job.data.paths = [str(kept), *job.data.paths]
     job.parallel = copy.deepcopy(cfg.parallel)
     job.train.device = cfg.device
     return job
