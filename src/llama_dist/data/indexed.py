@@ -1,25 +1,33 @@
 """Packed pretraining samples from Megatron indexed datasets, and the loaders that batch them.
 
-A dataset (`PREFIX.bin` + `PREFIX.idx`) is read as one flat token stream: its documents lie
-back to back in the .bin, each ending with EOS. Sample k of a source is
-tokens[k*seq_len : k*seq_len + seq_len + 1]; its first seq_len tokens are the inputs and its
-last seq_len the labels, so one epoch uses every token as an input exactly once, except a
-remainder shorter than a sample, and pads nothing. The last `valid_fraction` of each source's
-samples is held out for validation. Training samples are shuffled afresh each epoch of a
-source, and sources are interleaved by a fixed, repeating blend pattern.
+A dataset (`PREFIX.bin` + `PREFIX.idx`) is a stream of documents, each ending with EOS. The
+last whole documents holding `valid_fraction` of its tokens (and at least one sample) are held
+out for validation, read in stream order as windows of seq_len + 1 tokens. The training
+documents are read by epochs: each epoch is one Megatron `GPTDataset` (its documents shuffled,
+the shuffled stream cut into windows of seq_len + 1 whose first seq_len tokens are the inputs
+and last seq_len the labels, the windows shuffled), so an epoch uses every training token as
+an input exactly once, except a remainder shorter than a sample, and pads nothing. Sources are
+interleaved by a fixed, repeating blend pattern.
+
+Start-up cost does not grow with the corpus on any rank but one, once: `PretrainData()` does
+only the cheap checks (files, sizes, the sidecar's vocabulary), before any process group
+exists; `PretrainData.prepare()`, once the group exists, has rank 0 build the epochs' indices
+into `data.cache_dir` (`llama_dist.data.indices`) and every rank memory-map them. Data without
+a `PREFIX.meta.json` sidecar (e.g. written by Megatron's own `preprocess_data.py
+--append-eod`) has its token range scanned once, each rank a 1/world share, and cached.
 
 Every training sample is a pure function of its global index g, so a run resumes anywhere,
-at any data-parallel size, from one integer (`consumed_samples`), and nothing is cached on
-disk. Data written by Megatron's own `preprocess_data.py --append-eod` is read the same way;
-the `PREFIX.meta.json` sidecar of `launch/prepare_data.py` is optional.
+at any data-parallel size, from one integer (`consumed_samples`); the indices of an epoch do
+not depend on how many steps the run takes.
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 import math
+import os
 import struct
-from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -28,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from llama_dist.data import indices
 from llama_dist.data.config import DataConfig
 from llama_dist.data.prepare import megatron_indexed_dataset, read_meta
 
@@ -38,15 +47,20 @@ BLEND_PATTERN_LEN = 10_000
 _INDEX_MAGIC = b"MMIDIDX\x00\x00"
 # Tokens per chunk when data without a sidecar is scanned for its largest id (64 MiB of int32).
 _SCAN_CHUNK = 1 << 24
+# Megatron's document index is int32.
+_MAX_SEQUENCES = np.iinfo(np.int32).max
 
 log = logging.getLogger(__name__)
 
 
 class TokenSource:
-    """One dataset prefix: a memory-mapped token stream cut into training and validation samples.
+    """One dataset prefix: a memory-mapped token stream split into training documents and a
+    held-out tail of validation samples.
 
-    Every check that would otherwise fail mid-run happens here, as a ValueError: missing or
-    truncated files, token ids outside the model's vocabulary, too little data for a sample.
+    Every check that would otherwise fail mid-run happens here, as a ValueError, reading only
+    the .idx header, a few of its entries and the sidecar: missing or truncated files, token
+    ids outside the model's vocabulary (when a sidecar records them; `PretrainData.prepare`
+    checks data without one), too little data for a sample.
     """
 
     def __init__(
@@ -68,7 +82,12 @@ class TokenSource:
                 "--tokenizer tokenizer.model"
             )
         self.meta: dict[str, Any] | None = read_meta(self.prefix)
-        self.dtype, self.num_documents, self.num_tokens = _read_index(self.prefix)
+        self._index = _read_index(self.prefix)
+        self.dtype, self.num_documents, self.num_tokens = (
+            self._index.dtype,
+            self._index.num_documents,
+            self._index.num_tokens,
+        )
 
         num_bytes = bin_path.stat().st_size
         if num_bytes != self.num_tokens * self.dtype.itemsize:
@@ -83,6 +102,12 @@ class TokenSource:
                 f"dataset {self.prefix!r} holds no tokens ({self.num_documents} documents); "
                 "prepare it from a non-empty corpus or drop it from data.paths"
             )
+        if self._index.num_sequences > _MAX_SEQUENCES:
+            raise ValueError(
+                f"dataset {self.prefix!r} holds {self._index.num_sequences} sequences, more "
+                f"than Megatron's int32 document index takes ({_MAX_SEQUENCES}); split the "
+                "corpus into several datasets and list them all in data.paths"
+            )
         if self.meta is not None and self.meta["num_tokens"] != self.num_tokens:
             raise ValueError(
                 f"{self.prefix}.meta.json describes {self.meta['num_tokens']} tokens but the "
@@ -90,25 +115,9 @@ class TokenSource:
                 "it or prepare the dataset again"
             )
         self.tokens = np.memmap(bin_path, dtype=self.dtype, mode="r", shape=(self.num_tokens,))
-
+        self.vocab_size = vocab_size
         if self.meta is not None:
-            max_token_id = int(self.meta["max_token_id"])
-        else:
-            min_token_id, max_token_id = _token_range(self.tokens)
-            if min_token_id < 0:
-                raise ValueError(
-                    f"dataset {self.prefix!r} holds a negative token id {min_token_id}; it is "
-                    "not token data, prepare it again"
-                )
-        if max_token_id >= vocab_size:
-            tokenized_with = (
-                f" (its tokenizer has {self.meta['vocab_size']} pieces)" if self.meta else ""
-            )
-            raise ValueError(
-                f"dataset {self.prefix!r} holds token id {max_token_id}, outside the model's "
-                f"vocab_size={vocab_size}{tokenized_with}; tokenize the data with the model's "
-                "tokenizer, or raise model.vocab_size"
-            )
+            self.check_token_range(0, int(self.meta["max_token_id"]))
 
         if self.num_tokens < seq_len + 1:
             raise ValueError(
@@ -116,30 +125,72 @@ class TokenSource:
                 f"of seq_len + 1 = {seq_len + 1}; lower data.seq_len or give it more text"
             )
         self.seq_len = seq_len
+        self.train_documents = self._training_documents(valid_fraction)
+        # Training: the sequences of the first train_documents documents, the tokens before
+        # the first held-out document.
+        self.train_sequences = self._index.first_sequence(self.train_documents)
+        self.train_tokens = self._index.document_start(self.train_documents)
         # Consecutive samples share one token (the last label of one is the first input of
-        # the next), hence the - 1.
-        self.num_samples = (self.num_tokens - 1) // seq_len
-        # Rounded to absorb float error (0.07 * 100 is 7.000000000000001), then up, so any
-        # positive fraction holds out at least one sample.
-        self.num_valid = math.ceil(round(self.num_samples * valid_fraction, 6))
-        self.num_train = self.num_samples - self.num_valid
+        # the next), hence the - 1, in Megatron's sample count as here.
+        self.num_train = (self.train_tokens - 1) // seq_len
+        self.num_valid = max(0, (self.num_tokens - self.train_tokens - 1) // seq_len)
         if self.num_train < 1:
             raise ValueError(
-                f"dataset {self.prefix!r} has {self.num_tokens} tokens: {self.num_samples} "
-                f"sample(s) of seq_len={seq_len}, all of them held out by "
-                f"data.valid_fraction={valid_fraction}; give it more text, lower data.seq_len, "
-                "or set data.valid_fraction=0"
+                f"dataset {self.prefix!r} keeps {self.train_tokens} tokens for training after "
+                f"holding out data.valid_fraction={valid_fraction} as whole documents, fewer "
+                f"than one sample of seq_len + 1 = {seq_len + 1}; give it more text, lower "
+                "data.seq_len, or set data.valid_fraction=0"
             )
+
+    def _training_documents(self, valid_fraction: float) -> int:
+        """How many leading documents are trained on: the rest, the validation hold-out, are
+        the fewest last documents with at least `valid_fraction` of the tokens and one sample
+        (none when valid_fraction=0). Whole documents, so no text is on both sides."""
+        if valid_fraction == 0:
+            return self.num_documents
+        # Rounded to absorb float error (0.07 * 100 is 7.000000000000001), then up.
+        wanted = max(math.ceil(round(self.num_tokens * valid_fraction, 6)), self.seq_len + 1)
+        # Binary search over the documents' start offsets: O(log documents) reads of the .idx.
+        after = bisect.bisect_right(
+            range(self.num_documents + 1),
+            self.num_tokens - wanted,
+            key=self._index.document_start,
+        )
+        if after <= 1:
+            raise ValueError(
+                f"dataset {self.prefix!r} has {self.num_tokens} tokens in "
+                f"{self.num_documents} document(s): holding out whole documents with "
+                f"data.valid_fraction={valid_fraction} of the tokens (and at least one sample "
+                f"of seq_len + 1 = {self.seq_len + 1}) would take all of them; give it more "
+                "documents, lower data.seq_len, or set data.valid_fraction=0"
+            )
+        return after - 1
 
     @property
     def eos_id(self) -> int | None:
         """The EOS id recorded in the sidecar; None for data without one."""
         return None if self.meta is None else int(self.meta["eos_id"])
 
-    def sample(self, k: int) -> np.ndarray:
-        """Sample k (0 <= k < num_samples) as seq_len + 1 int64 tokens."""
-        assert 0 <= k < self.num_samples, f"sample {k} outside [0, {self.num_samples})"
-        start = k * self.seq_len
+    def check_token_range(self, min_token_id: int, max_token_id: int) -> None:
+        if min_token_id < 0:
+            raise ValueError(
+                f"dataset {self.prefix!r} holds a negative token id {min_token_id}; it is "
+                "not token data, prepare it again"
+            )
+        if max_token_id >= self.vocab_size:
+            tokenized_with = (
+                f" (its tokenizer has {self.meta['vocab_size']} pieces)" if self.meta else ""
+            )
+            raise ValueError(
+                f"dataset {self.prefix!r} holds token id {max_token_id}, outside the model's "
+                f"vocab_size={self.vocab_size}{tokenized_with}; tokenize the data with the "
+                "model's tokenizer, or raise model.vocab_size"
+            )
+
+    def valid_sample(self, i: int) -> np.ndarray:
+        """Held-out sample i (0 <= i < num_valid), in stream order: seq_len + 1 int64 tokens."""
+        assert 0 <= i < self.num_valid, f"validation sample {i} outside [0, {self.num_valid})"
+        start = self.train_tokens + i * self.seq_len
         return np.array(self.tokens[start : start + self.seq_len + 1], dtype=np.int64)
 
     def __repr__(self) -> str:
@@ -149,8 +200,39 @@ class TokenSource:
         )
 
 
-def _read_index(prefix: str) -> tuple[np.dtype, int, int]:
-    """(token dtype, document count, token count) from PREFIX.idx, read by megatron-core."""
+class _Index:
+    """The parts of a Megatron .idx that the checks read, memory-mapped (megatron-core's
+    reader): dtype, counts, and document starts looked up one at a time."""
+
+    def __init__(self, dataset: Any) -> None:
+        self._dataset = dataset  # keeps the mapping open
+        self.dtype = np.dtype(dataset.index.dtype)
+        self._lengths = dataset.sequence_lengths
+        self._pointers = dataset.index.sequence_pointers
+        self._documents = dataset.document_indices
+        self.num_sequences = len(self._lengths)
+        self.num_documents = len(self._documents) - 1
+        # IndexedDatasetBuilder writes sequences back to back from byte 0 (their pointers are
+        # the running sum of lengths), so the stream ends where the last sequence does.
+        self.num_tokens = (
+            0
+            if self.num_sequences == 0
+            else int(self._pointers[-1]) // self.dtype.itemsize + int(self._lengths[-1])
+        )
+
+    def first_sequence(self, document: int) -> int:
+        return int(self._documents[document])
+
+    def document_start(self, document: int) -> int:
+        """Stream offset of the document's first token (num_tokens past the last one)."""
+        sequence = self.first_sequence(document)
+        if sequence == self.num_sequences:
+            return self.num_tokens
+        return int(self._pointers[sequence]) // self.dtype.itemsize
+
+
+def _read_index(prefix: str) -> _Index:
+    """PREFIX.idx, read by megatron-core."""
     problem = f"{prefix}.idx is not a Megatron indexed dataset index"
     fix = "prepare the dataset again with launch/prepare_data.py"
     # Checked here because IndexedDataset, failing on a foreign file, also fails in __del__.
@@ -163,13 +245,7 @@ def _read_index(prefix: str) -> tuple[np.dtype, int, int]:
         dataset = indexed_dataset.IndexedDataset(prefix, mmap=False)
     except (AssertionError, ValueError, struct.error) as e:
         raise ValueError(f"{problem} ({e!r}); {fix}") from e
-    dtype = np.dtype(dataset.index.dtype)
-    num_documents = len(dataset.document_indices) - 1
-    lengths, pointers = dataset.sequence_lengths, dataset.index.sequence_pointers
-    # IndexedDatasetBuilder writes sequences back to back from byte 0 (their pointers are the
-    # running sum of lengths), so the stream ends where the last sequence does.
-    num_tokens = 0 if len(lengths) == 0 else int(pointers[-1]) // dtype.itemsize + int(lengths[-1])
-    return dtype, num_documents, num_tokens
+    return _Index(dataset)
 
 
 def _token_range(tokens: np.ndarray) -> tuple[int, int]:
@@ -219,15 +295,20 @@ class PretrainData:
     """The training and validation samples of a blend of token sources.
 
     Global training sample g -> (source, draw) by the blend pattern; draw d of a source ->
-    epoch d // num_train, and position d % num_train of that epoch's shuffle of its training
-    samples, a permutation seeded by (seed, source index, epoch).
+    epoch d // num_train, and position d % num_train of that epoch (`indices.EpochIndex`,
+    seeded by (seed, source index, epoch)). The constructor only checks; `prepare()` makes
+    the samples readable.
     """
 
-    def __init__(self, cfg: DataConfig, *, vocab_size: int) -> None:
+    def __init__(
+        self, cfg: DataConfig, *, vocab_size: int, cache_dir: str | Path | None = None
+    ) -> None:
         cfg.validate()
         self.seq_len = cfg.seq_len
         self.seed = cfg.seed
         self.document_mask = cfg.document_mask
+        self.vocab_size = vocab_size
+        self.build_timeout_s = cfg.build_timeout_s
         self.sources = [
             TokenSource(
                 path, vocab_size=vocab_size, seq_len=cfg.seq_len, valid_fraction=cfg.valid_fraction
@@ -240,8 +321,117 @@ class PretrainData:
         self.pattern, self._pattern_draws = blend_pattern(self.weights)
         self._pattern_counts = np.bincount(self.pattern, minlength=len(self.sources))
         self._valid_offsets = np.cumsum([0] + [s.num_valid for s in self.sources])
-        # Two epochs per source: a step that straddles an epoch boundary needs both.
-        self._permutations: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        cache_dir = cfg.cache_dir if cache_dir is None else cache_dir
+        self.cache_dir = None if cache_dir is None else Path(cache_dir)
+        if self.cache_dir is not None:
+            _check_writable(self.cache_dir)
+        self._epochs: list[list[indices.EpochIndex]] = [[] for _ in self.sources]
+        self._low_level_datasets: list[Any] = [None] * len(self.sources)
+        self.num_prepared = 0  # training samples readable
+
+    # Preparation ----------------------------------------------------------------------------
+    def prepare(self, num_samples: int) -> None:
+        """Make the first `num_samples` global training samples readable.
+
+        Collective when torch.distributed is initialized (every rank calls it, once the
+        process group exists and before the first step): data without a sidecar has its
+        token range scanned, each rank a 1/world share, unless cached; rank 0 builds the
+        indices of every epoch of every source that these samples reach, unless cached,
+        while the others wait; then every rank memory-maps them. Nothing here grows with the
+        corpus on a rank other than 0, and nothing is built later in the step loop. Raises
+        the same ValueError on every rank when the data is unusable.
+        """
+        if num_samples < 0:
+            raise ValueError(f"num_samples={num_samples} must be >= 0")
+        if self.cache_dir is None:
+            raise ValueError(
+                "PretrainData needs a folder for its sample indices: set data.cache_dir "
+                "(pretraining defaults it to RUN_DIR/data_cache)"
+            )
+        folders = [indices.source_folder(self.cache_dir, s.prefix) for s in self.sources]
+        self._check_token_ranges(folders)
+
+        drawn = self.samples_drawn(num_samples)
+        wanted = [
+            [
+                indices.EpochIndex(
+                    self._low_level(i),
+                    prefix=source.prefix,
+                    train_sequences=source.train_sequences,
+                    seq_len=self.seq_len,
+                    seed=indices.epoch_seed(self.seed, i, epoch),
+                    folder=folders[i] / f"epoch-{self.seed}-{epoch:05d}",
+                )
+                for epoch in range(len(self._epochs[i]), math.ceil(d / source.num_train))
+            ]
+            for i, (source, d) in enumerate(zip(self.sources, drawn, strict=True))
+        ]
+
+        def build() -> int:
+            try:
+                return sum(epoch.build() for epochs in wanted for epoch in epochs)
+            except OSError as e:
+                raise ValueError(
+                    f"cannot write the sample indices under data.cache_dir={self.cache_dir}: "
+                    f"{e}; set data.cache_dir to a writable folder that every rank sees"
+                ) from e
+
+        # May take minutes at scale: the wait has its own timeout, data.build_timeout_s.
+        indices.on_rank_zero(build, timeout_s=self.build_timeout_s)
+        error = None
+        try:
+            for epochs in wanted:
+                for epoch in epochs:
+                    epoch.open()
+        except OSError as e:
+            rank, _ = indices.world()
+            error = (
+                f"rank {rank} cannot read the sample indices rank 0 wrote under "
+                f"data.cache_dir={self.cache_dir} ({e}); it must be a folder every rank "
+                "sees, e.g. on the shared filesystem of the run folder"
+            )
+        indices.raise_if_any_failed(
+            error,
+            others=f"another rank cannot read the sample indices under data.cache_dir="
+            f"{self.cache_dir} (see its error); it must be a folder every rank sees",
+        )
+        for mine, new in zip(self._epochs, wanted, strict=True):
+            mine.extend(new)
+        self.num_prepared = max(self.num_prepared, num_samples)
+
+    def _low_level(self, source: int) -> Any:
+        """The source's Megatron IndexedDataset (memory-mapped), opened once."""
+        if self._low_level_datasets[source] is None:
+            self._low_level_datasets[source] = indices.open_low_level(self.sources[source].prefix)
+        return self._low_level_datasets[source]
+
+    def _check_token_ranges(self, folders: list[Path]) -> None:
+        """The vocabulary check of data without a sidecar: its token range, read from the
+        cache, else scanned in shares over the ranks (no rank reads a whole .bin) and cached
+        by rank 0. One rank alone would read a 2T-token corpus (4 TB) for longer than a
+        collective waits."""
+        unchecked = [i for i, s in enumerate(self.sources) if s.meta is None]
+        if not unchecked:
+            return
+        cached = indices.on_rank_zero(
+            lambda: [indices.read_token_range(folders[i]) for i in unchecked]
+        )
+        to_scan = [i for i, r in zip(unchecked, cached, strict=True) if r is None]
+        shares = []
+        for i in to_scan:
+            tokens = self.sources[i].tokens
+            mine = tokens[indices.shard(len(tokens))]
+            shares.append(_token_range(mine) if len(mine) else None)
+        scanned = dict(zip(to_scan, indices.reduce_token_ranges(shares), strict=True))
+        rank, _ = indices.world()
+        if rank == 0:
+            for i, (low, high) in scanned.items():
+                try:
+                    indices.write_token_range(folders[i], low, high)
+                except OSError as e:  # only costs a scan next time; build() reports the folder
+                    log.warning("could not cache the token range of %s: %s", folders[i], e)
+        for i, known in zip(unchecked, cached, strict=True):
+            self.sources[i].check_token_range(*(known if known is not None else scanned[i]))
 
     # Training -------------------------------------------------------------------------------
     def locate(self, g: int) -> tuple[int, int]:
@@ -254,16 +444,22 @@ class PretrainData:
             self._pattern_draws[slot]
         )
 
-    def train_index(self, g: int) -> tuple[int, int]:
-        """(source, sample index within the source) of global training sample g."""
+    def train_index(self, g: int) -> tuple[int, int, int]:
+        """(source, epoch, position within the epoch) of global training sample g."""
         source, draw = self.locate(g)
         epoch, position = divmod(draw, self.sources[source].num_train)
-        return source, int(self._permutation(source, epoch)[position])
+        if epoch >= len(self._epochs[source]):
+            raise IndexError(
+                f"training sample {g} is in epoch {epoch} of {self.sources[source].prefix}, "
+                f"beyond those prepared (for {self.num_prepared} samples); call "
+                f"PretrainData.prepare(num_samples) with num_samples > {g} before training"
+            )
+        return source, epoch, position
 
     def train_sample(self, g: int) -> np.ndarray:
         """Global training sample g: seq_len + 1 int64 tokens."""
-        source, k = self.train_index(g)
-        return self.sources[source].sample(k)
+        source, epoch, position = self.train_index(g)
+        return self._epochs[source][epoch].sample(position)
 
     def samples_drawn(self, num_samples: int) -> list[int]:
         """How many of the first `num_samples` global samples each source provides."""
@@ -276,34 +472,22 @@ class PretrainData:
         drawn = self.samples_drawn(num_samples)
         return [d / s.num_train for d, s in zip(drawn, self.sources, strict=True)]
 
-    def _permutation(self, source: int, epoch: int) -> np.ndarray:
-        key = (source, epoch)
-        if key in self._permutations:
-            self._permutations.move_to_end(key)
-            return self._permutations[key]
-        rng = np.random.default_rng([self.seed, source, epoch])
-        permutation = rng.permutation(self.sources[source].num_train)
-        self._permutations[key] = permutation
-        if len(self._permutations) > 2 * len(self.sources):
-            self._permutations.popitem(last=False)
-        return permutation
-
     # Validation -----------------------------------------------------------------------------
     @property
     def num_valid_samples(self) -> int:
         return int(self._valid_offsets[-1])
 
     def valid_index(self, i: int) -> tuple[int, int]:
-        """(source, sample index within the source) of validation sample i: sources in order,
+        """(source, held-out sample of that source) of validation sample i: sources in order,
         each source's held-out samples in stream order."""
         if not 0 <= i < self.num_valid_samples:
             raise IndexError(f"validation sample {i} outside [0, {self.num_valid_samples})")
         source = int(np.searchsorted(self._valid_offsets, i, side="right")) - 1
-        return source, self.sources[source].num_train + i - int(self._valid_offsets[source])
+        return source, i - int(self._valid_offsets[source])
 
     def valid_sample(self, i: int) -> np.ndarray:
         source, k = self.valid_index(i)
-        return self.sources[source].sample(k)
+        return self.sources[source].valid_sample(k)
 
     def micro_batch(self, rows: list[np.ndarray]) -> dict[str, torch.Tensor]:
         """The batch dict of some samples: `tokens` (bsz, seq_len + 1) int64, and with
@@ -319,6 +503,18 @@ class PretrainData:
     def __repr__(self) -> str:
         weights = ", ".join(f"{w:.4g}" for w in self.weights)
         return f"PretrainData({self.sources}, weights=[{weights}], seq_len={self.seq_len})"
+
+
+def _check_writable(folder: Path) -> None:
+    """A cache folder that rank 0 can create and write (checked before launch)."""
+    existing = Path(folder).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"data.cache_dir={folder} cannot be written ({existing} is not a writable "
+            "folder); set data.cache_dir to a writable folder that every rank sees"
+        )
 
 
 def check_data_tokenizer(sources: list[TokenSource], tokenizer: Any) -> None:

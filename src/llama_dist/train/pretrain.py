@@ -80,7 +80,10 @@ def pretrain(cfg: JobConfig, run_dir: Path) -> TrainState:
     attention = cfg.model.resolve_attention(
         device_type=run_device_type(cfg.train.device), document_mask=cfg.data.document_mask
     )
-    data = PretrainData(cfg.data, vocab_size=model_cfg.vocab_size)
+    # Cheap checks only (files, sizes, the sidecar's vocabulary); indices come with the group.
+    data = PretrainData(
+        cfg.data, vocab_size=model_cfg.vocab_size, cache_dir=cfg.data.cache_folder(run_dir)
+    )
     tokenizer = check_tokenizer(cfg.tokenizer, model_cfg.vocab_size)
     if tokenizer is not None:  # before the first step, not when the samples are written
         check_data_tokenizer(data.sources, tokenizer)
@@ -100,6 +103,9 @@ def pretrain(cfg: JobConfig, run_dir: Path) -> TrainState:
 
     mesh = build_mesh(cfg.parallel, device=device.type)
     dp_rank, dp_size = dp_rank_and_size(mesh)
+    # Rank 0 builds the sample indices once, every rank maps them, before the first step; for
+    # one step past the last, which the prefetcher reads ahead.
+    data.prepare((cfg.train.steps + 1) * cfg.train.global_batch)
     loader = TrainLoader(
         data,
         global_batch=cfg.train.global_batch,

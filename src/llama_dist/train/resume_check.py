@@ -10,7 +10,8 @@ unless `checkpoint.allow_changes` lists its key:
 - the data (`STEP_MEANING`): every `data.*` key - files, sources, mix weights, `seq_len` /
   `max_len`, `seed`, `valid_fraction`, packing, what a sample too long becomes, the pairs per
   epoch - except those that leave the samples and their order as they are (`SAME_SAMPLES`:
-  the token cache, document masks, which turns are trained on);
+  the token cache, the sample-index cache folder and its build timeout, document masks,
+  which turns are trained on);
 - the batch a step takes: `train.global_batch_tokens` (pretraining, SFT),
   `train.global_batch_pairs` (reward models); in PPO `ppo.batch_prompts`,
   `ppo.minibatch_prompts` and `ppo.epochs` (optimizer steps per iteration), and the prompt
@@ -69,7 +70,13 @@ STEP_MEANING = (
     "seed",
 )
 # Data keys that leave the samples and their order as they are.
-SAME_SAMPLES = ("data.cache", "data.document_mask", "data.train_on")
+SAME_SAMPLES = (
+    "data.cache",
+    "data.cache_dir",
+    "data.build_timeout_s",
+    "data.document_mask",
+    "data.train_on",
+)
 # Keys that set the length or shape of the learning-rate schedule.
 SCHEDULE = ("train.steps", "epochs", "iterations", "optim.warmup_steps", "optim.min_lr_ratio")
 # Settings of resuming itself.
