@@ -292,9 +292,11 @@ def baseline_records(
     return records
 
 
-def _summary(
+def data_summary(
     dialogs: Sequence[GattDialog], answers: Sequence[Sequence[str]], records: list[dict]
 ) -> dict[str, Any]:
+    """Counts of built data: dialogs, records, answers, dialogs cut short, and the checkable
+    answers that follow their instruction."""
     checked = followed = 0
     for d, said in zip(dialogs, answers, strict=True):
         instruction = _instruction(d)
@@ -339,7 +341,7 @@ def write_gatt_data(
     answers = sample_answers(dialogs, respond, augmented=True, num_turns=num_turns)
     records = build_records(dialogs, answers, per_turn=per_turn, placement=placement)
     _write_jsonl(path, records)
-    return _summary(dialogs, answers, records)
+    return data_summary(dialogs, answers, records)
 
 
 def write_baseline_data(
@@ -357,7 +359,7 @@ def write_baseline_data(
     )
     records = baseline_records(dialogs, answers, placement=placement)
     _write_jsonl(path, records)
-    return _summary(dialogs, answers, records)
+    return data_summary(dialogs, answers, records)
 
 
 # Responders ---------------------------------------------------------------------------------

@@ -62,6 +62,7 @@ from llama_dist.data.gatt import (
     baseline_records,
     build_records,
     conversation,
+    data_summary,
     max_turns,
     model_responder,
     read_gatt_dialogs,
@@ -457,24 +458,6 @@ def _attention_map(
 
 
 # The report ---------------------------------------------------------------------------------
-def _data_stats(dialogs: Sequence[GattDialog], answers: list[list[str]], records: list) -> dict:
-    checked = followed = 0
-    for d, said in zip(dialogs, answers, strict=True):
-        if d.instruction.checks:
-            checked += len(said)
-            followed += sum(d.instruction.check(a) for a in said)
-    return {
-        "dialogs": len(dialogs),
-        "records": len(records),
-        "answers": sum(len(a) for a in answers),
-        "dialogs_cut_short": sum(
-            len(a) < len(d.users) for d, a in zip(dialogs, answers, strict=True)
-        ),
-        "checked_answers": checked,
-        "checked_answers_followed": followed,
-    }
-
-
 def _fraction(part: int, whole: int) -> str:
     return f"{part} of {whole} ({100 * part / whole:.0f}%)" if whole else "none"
 
@@ -616,7 +599,7 @@ def gatt(cfg: GattJobConfig, run_dir: Path) -> GattResult:
                         )
                     else:
                         records = baseline_records(train, answers, placement=cfg.placement)
-                    data[name] = {"inputs": sampled, **_data_stats(train, answers, records)}
+                    data[name] = {"inputs": sampled, **data_summary(train, answers, records)}
                     _write_jsonl(run_dir / f"{name}_data.jsonl", records)
                     _write(run_dir / f"{name}_data.json", json.dumps(data[name], indent=1))
                     log.info("%s data: %s", name, data[name])
