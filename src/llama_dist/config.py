@@ -191,7 +191,9 @@ class CheckpointConfig:
     keep_last: int | None = 3  # older complete checkpoints are deleted
     async_save: bool = False
     resume: str = "auto"  # auto: the latest complete checkpoint of this run, if any | none
-    init_from: str | None = None  # weights to start from (e.g. a shorter-context run)
+    # Weights to start from: a llama_dist checkpoint (e.g. a shorter-context run) or an HF Llama
+    # folder, read shard by shard.
+    init_from: str | None = None
     # When the newest checkpoint is damaged (a file missing or shorter than .metadata says, a
     # .metadata or JSON file that does not parse, a read that fails). error: stop, naming the
     # file and the newest intact earlier checkpoint | previous: rename the damaged folder

@@ -105,11 +105,14 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
     )
 
 
-def load_model_checkpoint(path: str | os.PathLike) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
-    """(config, full model state dict) from a model-only or a training checkpoint.
+def read_model_metadata(
+    path: str | os.PathLike,
+) -> tuple[Path, LlamaConfig, dict[str, torch.dtype]]:
+    """(checkpoint folder, config, name -> stored dtype of each model tensor) of a model-only or
+    a training checkpoint, read from its config and .metadata only.
 
-    `path` is a checkpoint folder or a folder of `step-N` checkpoints (the highest complete one
-    is read). Tensors keep the dtype they were saved in.
+    ValueError (DamagedCheckpointError for an unreadable or truncated file, named) unless the
+    folder holds every model tensor of its config, with its shape.
     """
     folder = find_checkpoint(path)
     config_path = folder / MODEL_CONFIG_FILE
@@ -132,7 +135,7 @@ def load_model_checkpoint(path: str | os.PathLike) -> tuple[LlamaConfig, dict[st
             f"{folder} lacks {len(missing)} model tensors of its {MODEL_CONFIG_FILE} "
             f"(e.g. {missing[:3]}); the checkpoint does not belong to that config"
         )
-    state_dict: dict[str, torch.Tensor] = {}
+    dtypes = {}
     for name, shape in shapes.items():
         meta = stored[f"model.{name}"]
         if not isinstance(meta, TensorStorageMetadata) or meta.size != shape:
@@ -141,9 +144,35 @@ def load_model_checkpoint(path: str | os.PathLike) -> tuple[LlamaConfig, dict[st
                 f"{MODEL_CONFIG_FILE} implies {tuple(shape)}; the checkpoint does not belong "
                 "to that config"
             )
-        # The stored dtype, so that loading is bitwise and not a silent cast.
-        state_dict[name] = torch.empty(shape, dtype=meta.properties.dtype)
+        dtypes[name] = meta.properties.dtype
+    return folder, cfg, dtypes
+
+
+def load_model_checkpoint(path: str | os.PathLike) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
+    """(config, full model state dict) from a model-only or a training checkpoint.
+
+    `path` is a checkpoint folder or a folder of `step-N` checkpoints (the highest complete one
+    is read). Tensors keep the dtype they were saved in. For a model too large for one
+    process, read it a tensor at a time with `read_model_tensor`.
+    """
+    folder, cfg, dtypes = read_model_metadata(path)
+    # The stored dtype, so that loading is bitwise and not a silent cast.
+    shapes = param_shapes(cfg)
+    state_dict = {name: torch.empty(shapes[name], dtype=dtype) for name, dtype in dtypes.items()}
     # Only the "model" entries are requested; optimizer and other state is not read.
     with _single_process():
         dcp.load({"model": state_dict}, checkpoint_id=folder, no_dist=True)
     return cfg, state_dict
+
+
+def read_model_tensor(
+    folder: Path, name: str, shape: torch.Size, dtype: torch.dtype
+) -> torch.Tensor:
+    """Model tensor `name` of the checkpoint in `folder` (as `read_model_metadata` gives it),
+    read alone by this process: DCP reads just that tensor's chunks, from any number of
+    files. A failed read is a DamagedCheckpointError naming the file."""
+    from llama_dist.checkpoint.manager import load_alone
+
+    tensor = torch.empty(shape, dtype=dtype)
+    load_alone({"model": {name: tensor}}, folder)
+    return tensor

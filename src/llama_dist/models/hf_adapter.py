@@ -20,13 +20,13 @@ import os
 import pickle
 import re
 import shutil
-from collections.abc import Iterable, Iterator, Mapping
+import struct
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from llama_dist.jsonfile import read_json_object
 from llama_dist.models.config import LlamaConfig, RopeScaling
@@ -441,6 +441,23 @@ def _weight_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("pytorch_model*.bin"))
 
 
+def _open_safetensors(path: Path) -> Any:
+    try:
+        # Reads and checks the header, and that the file holds every byte it lists.
+        return safe_open(path, framework="pt")
+    except Exception as err:  # noqa: BLE001 - SafetensorError is not importable
+        raise ValueError(
+            f"{path} cannot be read as safetensors ({err}): it is damaged or cut "
+            "short; copy it again from the model's source"
+        ) from err
+
+
+def check_safetensors_file(path: str | os.PathLike) -> None:
+    """ValueError naming `path` if it is not a complete safetensors file; reads its header."""
+    with _open_safetensors(Path(path)):
+        pass
+
+
 def iter_hf_weights(folder: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, tensor) for every tensor of an HF folder, one file at a time."""
     folder = Path(folder)
@@ -452,14 +469,7 @@ def iter_hf_weights(folder: str | os.PathLike) -> Iterator[tuple[str, torch.Tens
         )
     for path in files:
         if path.suffix == ".safetensors":
-            try:
-                f = safe_open(path, framework="pt")
-            except Exception as err:  # noqa: BLE001 - SafetensorError is not importable
-                raise ValueError(
-                    f"{path} cannot be read as safetensors ({err}): it is damaged or cut "
-                    "short; copy it again from the model's source"
-                ) from err
-            with f:
+            with _open_safetensors(path) as f:
                 for name in f.keys():
                     yield name, f.get_tensor(name)
         else:
@@ -501,14 +511,15 @@ def load_hf_folder(folder: str | os.PathLike) -> tuple[LlamaConfig, dict[str, to
     return cfg, _convert_from_hf(iter_hf_weights(folder), cfg, source=f"the weights in {folder}")
 
 
-def _single_dtype(sd: Mapping[str, torch.Tensor]) -> torch.dtype:
-    dtypes = {t.dtype for t in sd.values()}
-    if len(dtypes) != 1:
+def single_dtype(dtypes: Iterable[torch.dtype]) -> torch.dtype:
+    """The one dtype of a model's tensors; ValueError if they mix dtypes."""
+    found = set(dtypes)
+    if len(found) != 1:
         raise ValueError(
-            f"the state dict mixes dtypes {sorted(str(d) for d in dtypes)}; pass dtype= "
+            f"the state dict mixes dtypes {sorted(str(d) for d in found)}; pass dtype= "
             "(--dtype) to choose the one the HF model is saved in"
         )
-    return dtypes.pop()
+    return found.pop()
 
 
 def _plan_shards(sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[list[str]]:
@@ -524,11 +535,44 @@ def _plan_shards(sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[lis
     return shards
 
 
-def _umask() -> int:
-    # The umask can only be read by setting it: set it straight back.
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+# safetensors' names of the dtypes an HF Llama is exported in.
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+def _write_safetensors(
+    path: Path,
+    shapes: Mapping[str, torch.Size],
+    dtype: torch.dtype,
+    tensors: Iterator[torch.Tensor],
+) -> None:
+    """A safetensors file of tensors named and shaped as `shapes` (in that order), written one
+    tensor at a time: the header (names, shapes, byte offsets) follows from the shapes alone,
+    so each tensor's bytes are written as it arrives and none waits for the others."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    # transformers 4 refuses safetensors files whose metadata does not name the framework.
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape in shapes.items():
+        end = offset + math.prod(shape) * itemsize
+        header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, end],
+        }
+        offset = end
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # data 8-byte aligned, as safetensors writes it
+    # A plain file: it gets the mode any file the user creates gets.
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)))  # the format is little-endian, as x86 and ARM
+        f.write(encoded)
+        # Not zip(shapes, tensors): zip's reused result tuple would keep each tensor alive
+        # while the next one is read.
+        for name, shape in shapes.items():
+            tensor = next(tensors)
+            assert tensor.shape == shape and tensor.dtype == dtype, (name, tensor.shape)
+            f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+            del tensor  # freed before the next one is read
 
 
 def prepare_output_folder(path: str | os.PathLike) -> tuple[Path, Path]:
@@ -567,20 +611,44 @@ def save_hf_folder(
     max_shard_bytes: int = 5 * 2**30,
 ) -> Path:
     """Write `sd` (our names) as an HF folder at `path`: a `LlamaForCausalLM`, or for a config
-    with `output_dim` (a reward model) a `LlamaForSequenceClassification`.
+    with `output_dim` (a reward model) a `LlamaForSequenceClassification`. dtype None keeps
+    the tensors' own dtype. See `write_hf_folder`."""
+    check_state_dict(sd, cfg, source="the llama_dist state dict")
+    out_dtype = dtype if dtype is not None else single_dtype(t.dtype for t in sd.values())
+    return write_hf_folder(
+        sd.__getitem__, cfg, path, dtype=out_dtype, max_shard_bytes=max_shard_bytes
+    )
+
+
+def write_hf_folder(
+    read: Callable[[str], torch.Tensor],
+    cfg: LlamaConfig,
+    path: str | os.PathLike,
+    *,
+    dtype: torch.dtype,
+    max_shard_bytes: int = 5 * 2**30,
+) -> Path:
+    """Write the model of `cfg` as an HF folder at `path`, tensor by tensor: `read(key)` gives
+    our tensor `key` (each name of `param_shapes(cfg)` once, in that order), which is
+    converted, cast to `dtype` and written before the next is read, so one tensor at a time is
+    in memory.
 
     config.json, generation_config.json (language models only) and safetensors weights: one
-    `model.safetensors`, or
-    shards of at most `max_shard_bytes` (unless a single tensor is larger) with a
-    `model.safetensors.index.json`. dtype None keeps the tensors' own dtype. Tensors are
-    converted one shard at a time.
+    `model.safetensors`, or shards `model-0000k-of-0000n.safetensors` of at most
+    `max_shard_bytes` (unless a single tensor is larger) with a
+    `model.safetensors.index.json`. The folder is written under a temporary sibling name and
+    renamed when complete.
     """
-    check_state_dict(sd, cfg, source="the llama_dist state dict")
-    out_dtype = dtype if dtype is not None else _single_dtype(sd)
-    hf_config = config_to_hf(cfg, out_dtype)
-    itemsize = torch.empty((), dtype=out_dtype).element_size()
-    sizes = [(key, math.prod(t.shape) * itemsize) for key, t in sd.items()]
+    hf_config = config_to_hf(cfg, dtype)
+    shapes = param_shapes(cfg)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    sizes = [(key, math.prod(shape) * itemsize) for key, shape in shapes.items()]
     shards = _plan_shards(sizes, max_shard_bytes)
+    architecture = hf_architecture(cfg)
+
+    def converted(keys: list[str]) -> Iterator[torch.Tensor]:
+        for key in keys:  # holding no reference across the next read
+            yield to_hf_tensor(key, read(key), cfg)[1].detach().to("cpu", dtype)
 
     path, tmp = prepare_output_folder(path)
     try:
@@ -591,17 +659,9 @@ def save_hf_folder(
                 if len(shards) == 1
                 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             )
-            tensors = {}
-            for key in keys:
-                hf_key, tensor = to_hf_tensor(key, sd[key], cfg)
-                tensors[hf_key] = tensor.detach().to("cpu", out_dtype).contiguous()
-                weight_map[hf_key] = name
-            # transformers 4 refuses safetensors files whose metadata does not name the framework.
-            save_file(tensors, tmp / name, metadata={"format": "pt"})
-            # safetensors writes through a private temporary file (mode 0600); give the file the
-            # mode any other file the user creates gets.
-            os.chmod(tmp / name, 0o666 & ~_umask())
-            del tensors
+            hf_shapes = {to_hf_key(key, architecture=architecture): shapes[key] for key in keys}
+            _write_safetensors(tmp / name, hf_shapes, dtype, converted(keys))
+            weight_map.update(dict.fromkeys(hf_shapes, name))
         if len(shards) > 1:
             index = {"metadata": {"total_size": sum(n for _, n in sizes)}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

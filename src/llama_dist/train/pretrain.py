@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from llama_dist.checkpoint import ModelState, check_checkpoint
+from llama_dist.checkpoint import ModelState
+from llama_dist.checkpoint.init import check_init_from, is_hf_folder, load_initial_weights
 from llama_dist.config import JobConfig, SampleConfig, run_device_type, validate_job
 from llama_dist.data.indexed import (
     PretrainData,
@@ -88,7 +89,7 @@ def pretrain(cfg: JobConfig, run_dir: Path) -> TrainState:
     if tokenizer is not None:  # before the first step, not when the samples are written
         check_data_tokenizer(data.sources, tokenizer)
     if cfg.checkpoint.init_from:
-        check_checkpoint(cfg.checkpoint.init_from, model_cfg)
+        check_init_from(cfg.checkpoint.init_from, model_cfg)
     run_dir = Path(run_dir)
     checkpoint_dir = run_dir / cfg.checkpoint.folder
     refuse_fresh_start_over_checkpoints(checkpoint_dir, cfg.checkpoint.resume)
@@ -134,7 +135,10 @@ def pretrain(cfg: JobConfig, run_dir: Path) -> TrainState:
     if latest is not None:
         log.info("resumed from %s at step %d", latest, state.step)
     elif cfg.checkpoint.init_from:
-        checkpoints.load(Path(cfg.checkpoint.init_from), {"model": ModelState(model)})
+        if is_hf_folder(cfg.checkpoint.init_from):  # each rank reads the slices of its shards
+            load_initial_weights(model, cfg.checkpoint.init_from)
+        else:
+            checkpoints.load(Path(cfg.checkpoint.init_from), {"model": ModelState(model)})
         log.info("initialised weights from %s", cfg.checkpoint.init_from)
 
     metrics = metrics_logger(
