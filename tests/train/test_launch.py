@@ -49,12 +49,18 @@ def english(n: int = 3000) -> str:
     return "\n".join(" ".join(words[(i * 7 + j) % len(words)] for j in range(12)) for i in range(n))
 
 
+def paragraphs(text: str, lines: int = 4) -> str:
+    rows = text.split("\n")
+    return "\n\n".join("\n".join(rows[i : i + lines]) for i in range(0, len(rows), lines))
+
+
 @pytest.fixture(scope="module")
 def text_corpus(tmp_path_factory):
     """A tokenizer and a dataset made by the real tools (train_tokenizer, prepare_data CLI)."""
     root = tmp_path_factory.mktemp("text")
-    (root / "a.txt").write_text(english())
-    (root / "b.txt").write_text(english(2000)[::-1])
+    # Paragraphs of 4 lines: many documents, so validation holds out whole ones like the rest.
+    (root / "a.txt").write_text(paragraphs(english()))
+    (root / "b.txt").write_text(paragraphs(english(2000)[::-1]))
     tokenizer = train_tokenizer(
         [root / "a.txt", root / "b.txt"], root / "tok.model", vocab_size=400
     )
