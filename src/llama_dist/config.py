@@ -684,6 +684,27 @@ class SafetyEvalJobConfig:
     run_name: str = "safety-eval"
 
 
+@dataclass
+class EvaluateJobConfig:
+    """Harness evaluation of one checkpoint (evaluation/job.py, the `eval` extra): the tasks'
+    results table (results.md, results.json) in the checkpoint's run folder."""
+
+    checkpoint: str | None = None  # llama_dist checkpoint, folder of step-N ones, or HF folder
+    tokenizer: str | None = None  # default: tokenizer.model inside the checkpoint folder
+    # bundled task names, task YAML paths, or tasks of the installed lm-eval
+    tasks: list[str] = field(default_factory=lambda: ["llama_dist_mc", "llama_dist_gen"])
+    num_fewshot: int | None = None  # None: each task's own
+    limit: int | None = None  # documents per task; None: all
+    batch_size: int = 8  # requests per forward
+    max_gen_toks: int = 256  # generation length when a task does not set one
+    add_bos_token: bool = True  # llama_dist documents start with bos
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    seed: int = 0
+    out_dir: str | None = None  # default: <run folder>/eval/<step-N>
+    run_name: str = "evaluate"
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="job_schema", node=JobConfig)
@@ -694,6 +715,7 @@ def register_configs() -> None:
     cs.store(name="context_distillation_schema", node=ContextDistillationJobConfig)
     cs.store(name="gatt_schema", node=GattJobConfig)
     cs.store(name="safety_eval_schema", node=SafetyEvalJobConfig)
+    cs.store(name="evaluate_schema", node=EvaluateJobConfig)
 
 
 def to_job_config(cfg: Any) -> JobConfig:
