@@ -73,9 +73,13 @@ class LlamaDistLM(TemplateLM):
     model_args: `checkpoint` (required), `tokenizer` (default: tokenizer.model inside the
     checkpoint folder), `batch_size` (requests per forward, default 8), `max_length` (context
     window, default the model's max_seq_len), `max_gen_toks` (default 256, as HFLM),
-    `add_bos_token` (default True: llama_dist documents start with bos; HFLM's default is
-    False, so pass add_bos_token=True to it when comparing), `device`, `dtype`, `seed`
-    (sampling).
+    `add_bos_token` (default True: llama_dist documents start with bos, and HFLM adds it too
+    with a Llama tokenizer; it leads contexts of loglikelihood and generation requests),
+    `device`, `dtype`, `seed` (sampling).
+
+    One difference from HFLM, on purpose: rolling loglikelihood encodes the text without bos,
+    since the first window's prefix token is bos already (HFLM with add_bos_token scores bos
+    after bos); with add_bos_token=False HFLM's windows are these.
     """
 
     def __init__(

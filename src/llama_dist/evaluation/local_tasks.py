@@ -12,6 +12,7 @@ The bundled tasks live in `tasks/` beside this module: `llama_dist_mc` (multiple
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -71,6 +72,15 @@ def load_task_config(path: str | os.PathLike) -> dict[str, Any]:
     return config
 
 
+@functools.cache
+def _task_manager() -> Any:
+    """The harness's index of its own tasks, built once per process: it reads thousands of
+    task YAMLs, which takes seconds."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager()
+
+
 def task_configs(tasks: Sequence[str]) -> list[str | dict[str, Any]]:
     """What `lm_eval.simple_evaluate(tasks=...)` takes for `tasks`: each a bundled task name,
     a path to a task YAML, or a task the installed harness knows by name. ValueError naming
@@ -89,10 +99,7 @@ def task_configs(tasks: Sequence[str]) -> list[str | dict[str, Any]]:
             configs.append(task)
             unknown.append(task)
     if unknown:
-        # Indexing the harness's thousands of task YAMLs takes seconds: only when needed.
-        from lm_eval.tasks import TaskManager
-
-        known = set(TaskManager().all_tasks)
+        known = set(_task_manager().all_tasks)
         missing = [t for t in unknown if t not in known]
         if missing:
             raise ValueError(
@@ -135,6 +142,7 @@ def run_tasks(
     return simple_evaluate(
         model=lm,
         tasks=task_configs(tasks),
+        task_manager=_task_manager(),
         num_fewshot=num_fewshot,
         limit=limit,
         log_samples=log_samples,
