@@ -198,6 +198,18 @@ def test_batch_size_does_not_change_loglikelihoods(files, ours):
         assert a == pytest.approx(b, abs=1e-5) and ga == gb
 
 
+def test_hf_folder_with_its_tokenizer_reads_the_same_model(files, ours, tmp_path):
+    # An HF folder that carries its tokenizer.model needs no tokenizer argument.
+    shutil.copytree(files["hf"], tmp_path / "hf")
+    shutil.copy(files["tokenizer"], tmp_path / "hf" / "tokenizer.model")
+    from_hf = LlamaDistLM(checkpoint=str(tmp_path / "hf"), device="cpu")
+    requests = _instances("loglikelihood", LL_REQUESTS)
+    for (a, ga), (b, gb) in zip(
+        from_hf.loglikelihood(requests), ours.loglikelihood(requests), strict=True
+    ):
+        assert a == pytest.approx(b, abs=1e-5) and ga == gb
+
+
 def test_loglikelihood_rolling_matches_hflm(ours, theirs):
     requests = _instances("loglikelihood_rolling", [(s,) for s in ROLLING])
     # The second string spans several windows of max_seq_len.
