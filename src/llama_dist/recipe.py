@@ -102,8 +102,11 @@ class Stage:
     config_name: str | None = None  # --config-name, e.g. reward_safety
 
     def command(self, python: str, nproc_per_node: int) -> list[str]:
-        launcher = [python, "-m", "llama_dist.torchrun", "--standalone"]
-        launcher += ["--nproc_per_node", str(nproc_per_node), self.script]
+        if nproc_per_node == 1:
+            launcher = [python, self.script]  # a world of one needs no launcher
+        else:
+            launcher = [python, "-m", "llama_dist.torchrun", "--standalone"]
+            launcher += ["--nproc_per_node", str(nproc_per_node), self.script]
         if self.config_name:
             launcher += ["--config-name", self.config_name]
         return [*launcher, *self.overrides]

@@ -221,7 +221,9 @@ def test_indices_are_memory_mapped_and_never_built_in_the_loop(stream_data, tmp_
     _, prefix = stream_data
     data = make_data([prefix], tmp_path, prepare=180)  # 3 epochs
     folders = sorted(p.name for p in indices.source_folder(tmp_path, prefix).iterdir())
-    assert folders == [f"epoch-7-{e:05d}" for e in range(3)]
+    assert [f.split("-seq")[0] for f in folders] == [f"epoch-{e:05d}" for e in range(3)]
+    source = data.sources[0]
+    assert all(f"-seq{data.seq_len}-train{source.train_sequences}-seed" in f for f in folders)
     for epoch in data._epochs[0]:
         for name in ("document_index", "sample_index", "shuffle_index"):
             assert isinstance(getattr(epoch.dataset, name), np.memmap), name

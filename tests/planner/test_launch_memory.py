@@ -128,6 +128,7 @@ def test_auto_without_known_memory_keeps_last():
 def test_over_budget_is_an_error_naming_terms_and_a_layout_that_fits():
     overrides = ["model=70b", "parallel.ac.mode=none", "parallel.grad_sync=last"]
     cfg, model = job(overrides, 64)
+
     def check():
         return check_job_memory(
             model,

@@ -360,7 +360,13 @@ class PretrainData:
                     train_sequences=source.train_sequences,
                     seq_len=self.seq_len,
                     seed=indices.epoch_seed(self.seed, i, epoch),
-                    folder=folders[i] / f"epoch-{self.seed}-{epoch:05d}",
+                    # Everything the index depends on names its folder: another seq_len,
+                    # hold-out or seed (a resume under a changed config) gets its own.
+                    folder=folders[i]
+                    / (
+                        f"epoch-{epoch:05d}-seq{self.seq_len}-train{source.train_sequences}"
+                        f"-seed{indices.epoch_seed(self.seed, i, epoch)}"
+                    ),
                 )
                 for epoch in range(len(self._epochs[i]), math.ceil(d / source.num_train))
             ]

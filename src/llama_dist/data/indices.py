@@ -17,7 +17,8 @@ allowed), so a training sample is still a pure function of one integer.
 Layout under the cache folder (`data.cache_dir`), one folder per source keyed by its files:
 
     NAME-FINGERPRINT/token_range.json      data without a sidecar: its smallest and largest id
-    NAME-FINGERPRINT/epoch-SEED-00000/     Megatron's four files for epoch 0 (SEED: data.seed)
+    NAME-FINGERPRINT/epoch-00000-seqL-trainN-seedS/   Megatron's four files for epoch 0 at
+                                           seq_len L, N training sequences, epoch seed S
 
 A folder appears by an atomic rename of a finished temporary one, so a crash or a second job
 building the same entry never leaves a partial index for a reader to map.
