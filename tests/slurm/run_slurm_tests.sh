@@ -238,7 +238,7 @@ check_metrics "$run1" 4 2 || fail "metrics of $run1"
 [[ -d $run1/checkpoints/step-00000004 ]] || fail "no checkpoint step-00000004 in $run1"
 
 say "c: a second job continues that run to step 8"
-job2=$(RUN_DIR=$run1 submit --wait slurm/llama70b.sbatch "${TRAIN[@]}" train.steps=8) ||
+job2=$(RUN_DIR=$run1 submit --wait slurm/llama70b.sbatch "${TRAIN[@]}" train.steps=8 "checkpoint.allow_changes=[train.steps]") ||
     fail "job ${job2:-?} failed: $(job_log "$job2")"
 in_log "$(job_log "$job2")" "resumed from $run1/checkpoints/step-00000004 at step 4" \
     "training exited with status 0"
