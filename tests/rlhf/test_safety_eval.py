@@ -19,7 +19,13 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
-from chat_helpers import BASE, base_checkpoint, make_tokenizer, write_jsonl  # noqa: E402
+from chat_helpers import (  # noqa: E402
+    BASE,
+    base_checkpoint,
+    make_tokenizer,
+    reward_checkpoint,
+    write_jsonl,
+)
 
 from llama_dist.checkpoint import save_model_checkpoint  # noqa: E402
 from llama_dist.config import SafetyEvalJobConfig, register_configs  # noqa: E402
@@ -33,7 +39,6 @@ from llama_dist.data.preference import (  # noqa: E402
 from llama_dist.data.prompts import read_prompts  # noqa: E402
 from llama_dist.data.safety_prompts import TOPICS, synthetic_safety_prompts  # noqa: E402
 from llama_dist.models.llama import Llama  # noqa: E402
-from llama_dist.models.reward import reward_config  # noqa: E402
 from llama_dist.rlhf.safety_eval import (  # noqa: E402
     JUDGES,
     evaluation_table,
@@ -100,9 +105,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("safety-eval")
     out = {"tokenizer": make_tokenizer(root, VOCAB_WORDS), "sft": base_checkpoint(root / "sft")}
     for name, seed in (("helpfulness_rm", 1), ("safety_rm", 2)):
-        model = Llama(reward_config(BASE))
-        model.init_weights(seed)
-        out[name] = save_model_checkpoint(root / name, model.state_dict(), model.cfg)
+        out[name] = reward_checkpoint(root / name, seed)
     records = synthetic_safety_prompts(num_adversarial=9, num_helpful=3, uncategorized=1)
     out["prompts"] = write_jsonl(root / "prompts.jsonl", records)
     unknown = [*records[:4], {**records[4], "risk_category": "weather"}, *records[5:]]

@@ -9,6 +9,7 @@ from pathlib import Path
 from llama_dist.checkpoint import save_model_checkpoint
 from llama_dist.models.config import LlamaConfig
 from llama_dist.models.llama import Llama
+from llama_dist.models.reward import reward_config
 from llama_dist.tokenizer import train_tokenizer
 
 WORDS = "the cat sat on a mat and dog ran to big red sun in sky we see it now".split()
@@ -64,3 +65,10 @@ def base_checkpoint(path: Path, seed: int = 0) -> Path:
     model = Llama(BASE)
     model.init_weights(seed)
     return save_model_checkpoint(path, model.state_dict(), BASE)
+
+
+def reward_checkpoint(path: Path, seed: int) -> Path:
+    """A reward model of BASE's backbone with random weights (a scalar head)."""
+    model = Llama(reward_config(BASE))
+    model.init_weights(seed)
+    return save_model_checkpoint(path, model.state_dict(), model.cfg)

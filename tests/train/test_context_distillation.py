@@ -10,17 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from chat_helpers import BASE, base_checkpoint, make_tokenizer, write_jsonl
+from chat_helpers import base_checkpoint, make_tokenizer, reward_checkpoint, write_jsonl
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from llama_dist.checkpoint import load_model_checkpoint, save_model_checkpoint
+from llama_dist.checkpoint import load_model_checkpoint
 from llama_dist.config import ContextDistillationJobConfig, register_configs
 from llama_dist.data.preference import BAD_WORDS, GOOD_WORDS
 from llama_dist.data.prompts import read_prompts
 from llama_dist.data.safety_prompts import TOPICS, synthetic_safety_prompts
 from llama_dist.models.llama import Llama
-from llama_dist.models.reward import reward_config
 from llama_dist.rlhf.context_distillation import (
     ANSWER_TEMPLATES,
     SAFETY_ADJECTIVES,
@@ -58,9 +57,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("cd")
     out = {"tokenizer": make_tokenizer(root, VOCAB_WORDS), "policy": base_checkpoint(root / "p")}
     for name, seed in (("helpful_rm", 1), ("safety_rm", 2)):
-        model = Llama(reward_config(BASE))
-        model.init_weights(seed)
-        out[name] = save_model_checkpoint(root / name, model.state_dict(), model.cfg)
+        out[name] = reward_checkpoint(root / name, seed)
     records = synthetic_safety_prompts(num_adversarial=9, num_helpful=3, uncategorized=1)
     out["prompts"] = write_jsonl(root / "prompts.jsonl", records)
     out["helpful_only"] = write_jsonl(

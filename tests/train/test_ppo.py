@@ -7,15 +7,19 @@ import copy
 from pathlib import Path
 
 import pytest
-from chat_helpers import BASE, WORDS, base_checkpoint, dialogs, make_tokenizer, write_jsonl
+from chat_helpers import (
+    WORDS,
+    base_checkpoint,
+    dialogs,
+    make_tokenizer,
+    reward_checkpoint,
+    write_jsonl,
+)
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from llama_dist.checkpoint import save_model_checkpoint
 from llama_dist.config import PPOJobConfig, register_configs
 from llama_dist.metrics.logger import read_metrics
-from llama_dist.models.llama import Llama
-from llama_dist.models.reward import reward_config
 from llama_dist.testing.distributed import run_distributed
 from llama_dist.train.ppo import ppo
 
@@ -28,11 +32,8 @@ COMPARED = ("policy_loss", "value_loss", "reward", "kl", "entropy", "explained_v
 def files(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("ppo")
     out = {"tokenizer": make_tokenizer(root), "policy": base_checkpoint(root / "policy")}
-    model = Llama(reward_config(BASE))
-    model.init_weights(1)
-    out["rm"] = save_model_checkpoint(root / "rm", model.state_dict(), model.cfg)
-    model.init_weights(2)
-    out["safety_rm"] = save_model_checkpoint(root / "safety_rm", model.state_dict(), model.cfg)
+    out["rm"] = reward_checkpoint(root / "rm", 1)
+    out["safety_rm"] = reward_checkpoint(root / "safety_rm", 2)
     prompts = [{"prompt": d[-2]["content"]} for d in dialogs(32)]
     out["prompts"] = write_jsonl(root / "prompts.jsonl", prompts)
     tagged = [{**p, "safety_tagged": True} for p in prompts]

@@ -11,15 +11,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from chat_helpers import BASE, WORDS, base_checkpoint, dialogs, make_tokenizer, write_jsonl
+from chat_helpers import (
+    WORDS,
+    base_checkpoint,
+    dialogs,
+    make_tokenizer,
+    reward_checkpoint,
+    write_jsonl,
+)
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from llama_dist.checkpoint import load_model_checkpoint, save_model_checkpoint
+from llama_dist.checkpoint import load_model_checkpoint
 from llama_dist.config import RejectionSamplingJobConfig, register_configs
 from llama_dist.data.prompts import read_prompts
 from llama_dist.models.llama import Llama
-from llama_dist.models.reward import reward_config
 from llama_dist.rlhf.rewards import safety_gated
 from llama_dist.rlhf.scoring import RewardModelScorer, WordShareScorer
 from llama_dist.testing.distributed import run_distributed
@@ -36,9 +42,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("rs")
     out = {"tokenizer": make_tokenizer(root), "policy": base_checkpoint(root / "policy")}
     for name, seed in (("helpful_rm", 1), ("safety_rm", 2)):
-        model = Llama(reward_config(BASE))
-        model.init_weights(seed)
-        out[name] = save_model_checkpoint(root / name, model.state_dict(), model.cfg)
+        out[name] = reward_checkpoint(root / name, seed)
     prompts = [
         {"prompt": d[-2]["content"], "safety_tagged": i % 3 == 0}
         for i, d in enumerate(dialogs(NUM_PROMPTS))
