@@ -24,7 +24,7 @@ rank's wk and wv produce only those.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -85,37 +85,48 @@ def _gather_checks(group: dist.ProcessGroup, value: object) -> list[object]:
     return gathered
 
 
+def lockstep_group(model: nn.Module, mesh: DeviceMesh | None) -> dist.ProcessGroup | None:
+    """The ranks whose forwards of `model` are collective, so that they must run the same
+    number of them: every rank when a parameter is sharded over a data-parallel axis, else
+    the tensor-parallel group when tp > 1, else none (a rank of its own)."""
+    if mesh is None:
+        return None
+    if _sharded_axes(model) - {"tp"}:
+        return dist.group.WORLD
+    if mesh["tp"].size() > 1:
+        return mesh["tp"].get_group()
+    return None
+
+
 @torch.no_grad()
 def generate_distributed(
     model: Llama,
     prompts: Sequence[Sequence[int]],
     *,
-    mesh: DeviceMesh,
+    mesh: DeviceMesh | None,
     max_new_tokens: int,
     temperature: float = 1.0,
     top_p: float = 1.0,
     top_k: int = 0,
     eos_id: int | None = None,
     generator: torch.Generator | None = None,
+    stop: Callable[[list[int]], bool] | None = None,
 ) -> list[list[int]]:
     """`llama_dist.generate.generate` of this rank's `prompts` (possibly none) on a sharded
-    model or the `consolidated_for_generation` copy of one; every rank of `mesh` calls it.
+    model or the `consolidated_for_generation` copy of one; every rank of `mesh` calls it
+    (`mesh=None`: a plain model in a single process).
 
-    The ranks whose forwards are collective (all of them when the parameters are sharded over
-    a data-parallel axis, else each tensor-parallel group) step together until every one of
-    them is done, so they must agree on max_new_tokens; the ranks of a tp group must also pass
-    the same prompts and settings. When sampling, the tokens of each tp group's first rank are
-    used, so its `generator` decides. A model with sequence parallelism cannot decode (one
-    token per step); generate through `consolidated_for_generation` instead.
+    The ranks whose forwards are collective (`lockstep_group`) step together until every one
+    of them is done, so they must agree on max_new_tokens; the ranks of a tp group must also
+    pass the same prompts and settings. When sampling, the tokens of each tp group's first
+    rank are used, so its `generator` decides. A model with sequence parallelism cannot
+    decode (one token per step); generate through `consolidated_for_generation` instead.
+
+    A row ends at eos (kept as its last token) or once `stop(tokens so far)` holds, e.g. a
+    stop string in its text; nothing is added to it after that.
     """
-    axes = _sharded_axes(model)
-    tp = mesh["tp"].size()
-    if axes - {"tp"}:
-        lockstep: dist.ProcessGroup | None = dist.group.WORLD
-    elif tp > 1:
-        lockstep = mesh["tp"].get_group()
-    else:
-        lockstep = None
+    lockstep = lockstep_group(model, mesh)
+    tp = 1 if mesh is None else mesh["tp"].size()
 
     idle = len(prompts) == 0
     rows = [_IDLE_PROMPT] if idle else prompts
@@ -168,9 +179,14 @@ def generate_distributed(
         dtype=compute_dtype(model),
         device=device,
     )
+    results: list[list[int]] = [[] for _ in rows]
+    finished = [idle] * len(rows)
 
-    def all_done(done_here: bool) -> bool:
-        flag = torch.tensor([int(not (done_here or idle))], device=device)
+    def all_done(_eos_everywhere_here: bool) -> bool:
+        # `finished` covers eos and `stop`, and the idle row; decode's flag knows only eos.
+        if lockstep is None:
+            return all(finished)
+        flag = torch.tensor([int(not all(finished))], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=lockstep)
         return not flag.item()
 
@@ -185,7 +201,6 @@ def generate_distributed(
             return tokens
 
     self_check = _embedding_check(model, mesh) if tp > 1 else contextlib.nullcontext()
-    results: list[list[int]] = [[] for _ in rows]
     with self_check:
         steps = decode(
             model,
@@ -198,13 +213,16 @@ def generate_distributed(
             eos_id=eos_id,
             generator=generator,
             sync_tokens=sync_tokens,
-            # Alone (no collective forward), this rank's own flag decides.
-            all_done=None if lockstep is None else all_done,
+            all_done=all_done,
         )
         for new in steps:
-            for row, token in zip(results, new, strict=True):
-                if token is not None:
-                    row.append(token)
+            for r, token in enumerate(new):
+                if token is None or finished[r]:
+                    finished[r] = True
+                    continue
+                results[r].append(token)
+                if token == eos_id or (stop is not None and stop(results[r])):
+                    finished[r] = True
     return [] if idle else results
 
 

@@ -10,156 +10,31 @@ per-request loglikelihoods agree to 1e-4, accuracies and greedy generations exac
 from __future__ import annotations
 
 import json
-import random
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from eval_helpers import (
+    ATOL,
+    LL_REQUESTS,
+    MAX_SEQ_LEN,
+    REPO_ROOT,
+    ROLLING,
+    instances,
+    per_sample,
+    task_texts,
+)
 
-pytest.importorskip("lm_eval", reason="needs the eval extra (pip install -e '.[eval]')")
-
-from lm_eval.api.instance import Instance  # noqa: E402
-from lm_eval.models.huggingface import HFLM  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
-from transformers.tokenization_utils_sentencepiece import SentencePieceBackend  # noqa: E402
-
-from llama_dist.checkpoint import save_model_checkpoint  # noqa: E402
-from llama_dist.evaluation import LlamaDistLM, bundled_tasks, run_tasks  # noqa: E402
-from llama_dist.generate import generate  # noqa: E402
-from llama_dist.models import Llama, LlamaConfig  # noqa: E402
-from llama_dist.models.hf_adapter import save_hf_folder  # noqa: E402
-from llama_dist.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-ATOL = 1e-4
-MAX_SEQ_LEN = 64
-WORDS = "the cat sat on a mat and dog ran to big red sun in sky we see it now".split()
-
-
-class SentencePieceHFTokenizer(SentencePieceBackend):
-    """transformers' tokenizer over the SentencePiece file, bos added, decoding through
-    sentencepiece itself (the generic decode joins pieces and strips spaces differently)."""
-
-    def _decode(self, token_ids, skip_special_tokens: bool = False, **kwargs) -> str:
-        # sentencepiece drops control pieces; HF writes them out unless skipped (HFLM's eos
-        # stop string is the decoded eos, which must not be empty).
-        ids = [token_ids] if isinstance(token_ids, int) else list(token_ids)
-        special = set(self.all_special_ids)
-        text, run = "", []
-        for i in ids:
-            if i in special:
-                text += self.sp_model.decode(run) + (
-                    "" if skip_special_tokens else self.sp_model.id_to_piece(i)
-                )
-                run = []
-            else:
-                run.append(i)
-        return text + self.sp_model.decode(run)
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("eval")
-    rng = random.Random(0)
-    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))) for _ in range(300)]
-    (root / "corpus.txt").write_text("\n".join(lines) + "\n")
-    tokenizer = train_tokenizer(
-        [root / "corpus.txt"], root / "tokenizer.model", vocab_size=300, num_threads=1
-    )
-    cfg = LlamaConfig(
-        dim=64,
-        n_layers=2,
-        n_heads=4,
-        n_kv_heads=2,
-        vocab_size=300,
-        multiple_of=16,
-        max_seq_len=MAX_SEQ_LEN,
-    ).validate()
-    model = Llama(cfg)
-    model.init_weights(3)
-    with torch.no_grad():
-        # At the init scale every token is nearly equally likely; larger weights give the
-        # model preferences, so accuracy and greedy tokens depend on the logits.
-        for name, param in model.named_parameters():
-            if not name.endswith("norm.weight"):
-                param.mul_(4.0)
-    save_model_checkpoint(root / "ckpt", model.state_dict(), cfg)
-    save_hf_folder(model.state_dict(), cfg, root / "hf")
-    return {"root": root, "tokenizer": tokenizer, "ckpt": root / "ckpt", "hf": root / "hf"}
-
-
-@pytest.fixture(scope="module")
-def ours(files) -> LlamaDistLM:
-    return LlamaDistLM(
-        checkpoint=str(files["ckpt"]),
-        tokenizer=str(files["tokenizer"]),
-        batch_size=3,
-        device="cpu",
-    )
-
-
-@pytest.fixture(scope="module")
-def hf_tokenizer(files) -> SentencePieceHFTokenizer:
-    return SentencePieceHFTokenizer(
-        vocab_file=str(files["tokenizer"]),
-        legacy=True,
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="</s>",
-        special_tokens_pattern="bos",
-    )
-
-
-@pytest.fixture(scope="module")
-def theirs(files, hf_tokenizer) -> HFLM:
-    model = AutoModelForCausalLM.from_pretrained(files["hf"], dtype=torch.float32).eval()
-    return HFLM(
-        pretrained=model,
-        tokenizer=hf_tokenizer,
-        batch_size=3,
-        max_length=MAX_SEQ_LEN,
-        add_bos_token=True,
-        device="cpu",
-    )
-
-
-def _task_texts() -> list[str]:
-    """Every context and context + continuation of the bundled tasks' data."""
-    data = bundled_tasks()["llama_dist_mc"].parent / "data"
-    texts = []
-    for name in ("llama_dist_mc.jsonl", "llama_dist_gen.jsonl"):
-        for line in (data / name).read_text().splitlines():
-            doc = json.loads(line)
-            if "choices" in doc:
-                texts += [doc["question"]] + [f"{doc['question']} {c}" for c in doc["choices"]]
-            else:
-                texts += [doc["prompt"], doc["prompt"] + doc["answer"]]
-    return texts
-
-
-LL_REQUESTS = [
-    ("the cat sat on a", " mat"),
-    ("the cat sat on a", " mat and a dog ran to the sun"),
-    ("", "the dog"),  # empty context: the prefix token (bos) stands in
-    ("we see it ", "now"),  # trailing space moves into the continuation
-    (" ".join(["the big red sun in the sky"] * 12), " and we see it"),  # longer than the window
-]
-ROLLING = ["the cat sat on a mat", " ".join(["we see the big red sun in the sky now"] * 10)]
-
-
-def _instances(kind: str, args_list) -> list[Instance]:
-    return [
-        Instance(request_type=kind, doc={}, arguments=args, idx=i)
-        for i, args in enumerate(args_list)
-    ]
+from llama_dist.evaluation import LlamaDistLM, bundled_tasks, run_tasks
+from llama_dist.generate import generate
+from llama_dist.tokenizer import Tokenizer
 
 
 def test_both_sides_tokenize_alike(files, hf_tokenizer):
     sp = Tokenizer(files["tokenizer"])
-    texts = _task_texts() + [c + x for c, x in LL_REQUESTS] + ROLLING
+    texts = task_texts() + [c + x for c, x in LL_REQUESTS] + ROLLING
     for text in texts:
         assert hf_tokenizer.encode(text) == sp.encode(text, bos=True), text
         ids = sp.encode(text, bos=False)
@@ -167,8 +42,8 @@ def test_both_sides_tokenize_alike(files, hf_tokenizer):
 
 
 def test_loglikelihood_matches_hflm(ours, theirs):
-    mine = ours.loglikelihood(_instances("loglikelihood", LL_REQUESTS))
-    ref = theirs.loglikelihood(_instances("loglikelihood", LL_REQUESTS))
+    mine = ours.loglikelihood(instances("loglikelihood", LL_REQUESTS))
+    ref = theirs.loglikelihood(instances("loglikelihood", LL_REQUESTS))
     for context, continuation in LL_REQUESTS[:2]:
         assert ours._encode_pair(context, continuation) == theirs._encode_pair(
             context, continuation
@@ -191,7 +66,7 @@ def test_batch_size_does_not_change_loglikelihoods(files, ours):
         batch_size=1,
         device="cpu",
     )
-    requests = _instances("loglikelihood", LL_REQUESTS)
+    requests = instances("loglikelihood", LL_REQUESTS)
     for (a, ga), (b, gb) in zip(
         one.loglikelihood(requests), ours.loglikelihood(requests), strict=True
     ):
@@ -203,7 +78,7 @@ def test_hf_folder_with_its_tokenizer_reads_the_same_model(files, ours, tmp_path
     shutil.copytree(files["hf"], tmp_path / "hf")
     shutil.copy(files["tokenizer"], tmp_path / "hf" / "tokenizer.model")
     from_hf = LlamaDistLM(checkpoint=str(tmp_path / "hf"), device="cpu")
-    requests = _instances("loglikelihood", LL_REQUESTS)
+    requests = instances("loglikelihood", LL_REQUESTS)
     for (a, ga), (b, gb) in zip(
         from_hf.loglikelihood(requests), ours.loglikelihood(requests), strict=True
     ):
@@ -211,7 +86,7 @@ def test_hf_folder_with_its_tokenizer_reads_the_same_model(files, ours, tmp_path
 
 
 def test_loglikelihood_rolling_matches_hflm(ours, theirs):
-    requests = _instances("loglikelihood_rolling", [(s,) for s in ROLLING])
+    requests = instances("loglikelihood_rolling", [(s,) for s in ROLLING])
     # The second string spans several windows of max_seq_len.
     assert len(ours.tok_encode(ROLLING[1])) > 2 * MAX_SEQ_LEN
     mine = ours.loglikelihood_rolling(requests)
@@ -225,19 +100,6 @@ def test_loglikelihood_rolling_matches_hflm(ours, theirs):
     assert mine == pytest.approx(ref, abs=ATOL)
 
 
-def _per_sample(results, task: str) -> list:
-    return [
-        (
-            s["doc_id"],
-            [
-                list(map(float, r)) if isinstance(r, (list, tuple)) else r
-                for r in s["filtered_resps"]
-            ],
-        )
-        for s in sorted(results["samples"][task], key=lambda s: s["doc_id"])
-    ]
-
-
 def test_multiple_choice_task_matches_hflm(ours, theirs):
     mine = run_tasks(ours, ["llama_dist_mc"], log_samples=True)
     ref = run_tasks(theirs, ["llama_dist_mc"], log_samples=True)
@@ -249,8 +111,8 @@ def test_multiple_choice_task_matches_hflm(ours, theirs):
         == ref["results"]["llama_dist_mc"]["acc_norm,none"]
     )
     mine_samples, ref_samples = (
-        _per_sample(mine, "llama_dist_mc"),
-        _per_sample(ref, "llama_dist_mc"),
+        per_sample(mine, "llama_dist_mc"),
+        per_sample(ref, "llama_dist_mc"),
     )
     assert len(mine_samples) == 8
     for (doc_a, resps_a), (doc_b, resps_b) in zip(mine_samples, ref_samples, strict=True):
@@ -263,8 +125,8 @@ def test_generation_task_matches_hflm(ours, theirs):
     mine = run_tasks(ours, ["llama_dist_gen"], log_samples=True)
     ref = run_tasks(theirs, ["llama_dist_gen"], log_samples=True)
     mine_samples, ref_samples = (
-        _per_sample(mine, "llama_dist_gen"),
-        _per_sample(ref, "llama_dist_gen"),
+        per_sample(mine, "llama_dist_gen"),
+        per_sample(ref, "llama_dist_gen"),
     )
     assert len(mine_samples) == 6
     assert mine_samples == ref_samples
@@ -279,7 +141,7 @@ def test_generation_task_matches_hflm(ours, theirs):
 
 def test_generate_until_limits_and_sampling(ours):
     args = {"until": [], "max_gen_toks": 5, "do_sample": False}
-    (greedy,) = ours.generate_until(_instances("generate_until", [("the cat", args)]))
+    (greedy,) = ours.generate_until(instances("generate_until", [("the cat", args)]))
     (tokens,) = generate(
         ours.model,
         [ours.tok_encode("the cat")],
@@ -289,7 +151,7 @@ def test_generate_until_limits_and_sampling(ours):
     )
     assert greedy == ours.tok_decode([t for t in tokens if t != ours.eot_token_id])
     sampled = {"until": [], "max_gen_toks": 8, "do_sample": True, "temperature": 1.0}
-    outs = ours.generate_until(_instances("generate_until", [("the cat", sampled)] * 4))
+    outs = ours.generate_until(instances("generate_until", [("the cat", sampled)] * 4))
     assert len(outs) == 4  # sampling runs; rows may differ
 
 
