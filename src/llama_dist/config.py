@@ -218,6 +218,25 @@ class SampleConfig:
 
 
 @dataclass
+class HarnessConfig:
+    """lm-evaluation-harness tasks run on the model being trained (evaluation/periodic.py; the
+    `eval` extra), at validation steps: logged as kind "harness" in metrics.jsonl (wandb:
+    harness/TASK/METRIC) and plotted beside the loss in loss_curve.png. Needs `tokenizer`."""
+
+    # Bundled task names (llama_dist_mc, llama_dist_gen, ...), task YAML paths, or tasks of the
+    # installed lm-eval; []: none.
+    tasks: list[str] = field(default_factory=list)
+    # Steps between evaluations, a multiple of train.eval_every; 0: at every validation. The
+    # first (step 0) and last step are always evaluated.
+    every: int = 0
+    limit: int | None = None  # documents per task; None: all
+    num_fewshot: int | None = None  # None: each task's own
+    batch_size: int = 8  # requests per forward on each data-parallel rank
+    max_gen_toks: int = 64  # generation length when a task does not set one
+    seed: int = 1234  # few-shot sampling and the harness's seeds (the run's RNG is kept)
+
+
+@dataclass
 class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -226,6 +245,7 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    harness: HarnessConfig = field(default_factory=HarnessConfig)
     tokenizer: str | None = None  # tokenizer.model: checks the vocabulary, decodes samples
     run_name: str = "pretrain"  # default run folder: runs/<run_name>
 
@@ -698,9 +718,18 @@ class EvaluateJobConfig:
     batch_size: int = 8  # requests per forward
     max_gen_toks: int = 256  # generation length when a task does not set one
     add_bos_token: bool = True  # llama_dist documents start with bos
+    # Requests in the Llama 2 chat format, for SFT and RLHF checkpoints; system_instruction
+    # becomes the system message.
+    apply_chat_template: bool = False
+    system_instruction: str | None = None
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "float32"  # float32 | bfloat16 | float16
     seed: int = 0
+    # Under torchrun: the model sharded as in training, FSDP over the ranks tp and
+    # dp_replicate leave, the requests split over the data-parallel ranks.
+    tp: int = 1
+    dp_replicate: int = 1
+    collective_timeout_s: float = 1800.0  # a collective waiting longer fails the job
     out_dir: str | None = None  # default: <run folder>/eval/<step-N>
     run_name: str = "evaluate"
 
@@ -748,7 +777,34 @@ def validate_job(cfg: JobConfig, world_size: int) -> LlamaConfig:
     validate_optim(cfg.optim, steps=cfg.train.steps, default_lr=PEAK_LR.get(cfg.model.preset, 3e-4))
     validate_sample(cfg.sample)
     validate_checkpoint(cfg.checkpoint)
+    validate_harness(cfg.harness, eval_every=cfg.train.eval_every, tokenizer=cfg.tokenizer)
     return model
+
+
+def validate_harness(h: HarnessConfig, *, eval_every: int, tokenizer: str | None) -> None:
+    """Check the periodic harness evaluation's settings (its task names are checked by
+    `llama_dist.evaluation.task_configs`, which needs the eval extra)."""
+    if not h.tasks:
+        return
+    if isinstance(h.tasks, str):
+        raise ValueError(f"harness.tasks={h.tasks!r} must be a list, e.g. [llama_dist_mc]")
+    if not tokenizer:
+        raise ValueError(
+            "harness.tasks needs the model's tokenizer to encode the tasks' text; set "
+            "tokenizer=PATH/tokenizer.model"
+        )
+    for name in ("batch_size", "max_gen_toks"):
+        if getattr(h, name) < 1:
+            raise ValueError(f"harness.{name}={getattr(h, name)} must be >= 1")
+    if h.limit is not None and h.limit < 1:
+        raise ValueError(f"harness.limit={h.limit} must be >= 1 (or null: every document)")
+    if h.every < 0:
+        raise ValueError(f"harness.every={h.every} must be >= 0 (0: at every validation)")
+    if h.every and eval_every and h.every % eval_every:
+        raise ValueError(
+            f"harness.every={h.every} is not a multiple of train.eval_every={eval_every}: the "
+            "harness runs at validation steps; use a multiple, or 0 for every validation"
+        )
 
 
 def validate_batch(t: TrainConfig, *, seq_len: int, dp: int) -> None:

@@ -27,6 +27,7 @@ from eval_helpers import (
     task_texts,
 )
 
+from llama_dist.data.chat import encode_dialog
 from llama_dist.evaluation import LlamaDistLM, bundled_tasks, run_tasks
 from llama_dist.generate import generate
 from llama_dist.tokenizer import Tokenizer
@@ -250,3 +251,53 @@ def test_evaluate_entry_point_bad_task_is_one_line(files, tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("evaluate: error:")]
     assert len(errors) == 1 and "no_such_task" in errors[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+
+
+# Chat models ------------------------------------------------------------------------------------
+DIALOG = [
+    {"role": "system", "content": "answer in a few words"},
+    {"role": "user", "content": "the cat sat on"},
+    {"role": "assistant", "content": "a mat"},
+    {"role": "user", "content": "and the dog"},
+]
+
+
+def test_chat_template_gives_the_sft_token_ids(ours):
+    text = ours.apply_chat_template(DIALOG)
+    assert ours.tok_encode(text) == encode_dialog(ours._tok, DIALOG).ids
+    # A continuation scored after the chat context is the answer of the last segment, as SFT
+    # trains it (the answer's tokens follow the prompt's within one bos-led segment).
+    answered = [*DIALOG, {"role": "assistant", "content": "ran to the sun"}]
+    context, continuation = ours._encode_pair(text, " ran to the sun")
+    scored = context + continuation
+    # (SFT's answer text ends with a space before eos, which the continuation has not.)
+    assert encode_dialog(ours._tok, answered).ids[: len(scored)] == scored
+    # A gen_prefix: the assistant's start continues the last prompt, without eos.
+    prefilled = ours.apply_chat_template(
+        [*DIALOG, {"role": "assistant", "content": "it"}], add_generation_prompt=False
+    )
+    assert ours.tok_encode(prefilled) == ours.tok_encode(text + " it")
+    with pytest.raises(ValueError, match="ends with an answer"):
+        ours.apply_chat_template(DIALOG[:3])
+
+
+def test_tasks_in_chat_format(ours):
+    results = run_tasks(
+        ours,
+        ["llama_dist_mc", "llama_dist_gen"],
+        log_samples=True,
+        apply_chat_template=True,
+        system_instruction="answer in a few words",
+    )
+    gen = results["samples"]["llama_dist_gen"][0]
+    prompt = gen["arguments"][0][0]
+    dialog = [
+        {"role": "system", "content": "answer in a few words"},
+        {"role": "user", "content": gen["doc"]["prompt"]},
+    ]
+    assert ours.tok_encode(prompt) == encode_dialog(ours._tok, dialog).ids
+    mc = results["samples"]["llama_dist_mc"][0]
+    context = mc["arguments"][0][0]
+    dialog[1]["content"] = mc["doc"]["question"]
+    assert ours.tok_encode(context) == encode_dialog(ours._tok, dialog).ids
+    assert 0 <= results["results"]["llama_dist_mc"]["acc,none"] <= 1

@@ -11,13 +11,22 @@ accuracies and generations exactly. No rank holds the whole model.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
+import torch
 import torch.distributed as dist
-from eval_helpers import ATOL, LL_REQUESTS, ROLLING, instances, per_sample
+from eval_helpers import ATOL, LL_REQUESTS, REPO_ROOT, ROLLING, instances, per_sample
 from torch.distributed.tensor import DTensor
 
+from llama_dist.checkpoint.init import load_initial_weights, source_config
 from llama_dist.evaluation import LlamaDistLM, run_tasks
+from llama_dist.parallel import ParallelConfig, build_llama, build_mesh
 from llama_dist.testing.distributed import run_distributed
+from llama_dist.tokenizer import Tokenizer
 
 # Greedy generations of different lengths: stop strings met early or late, or never.
 GEN_REQUESTS = [
@@ -39,8 +48,23 @@ def _tasks_summary(results) -> dict:
     }
 
 
-def _evaluate_sharded(checkpoint: str, tokenizer: str, tp: int) -> dict:
-    lm = LlamaDistLM(checkpoint=checkpoint, tokenizer=tokenizer, batch_size=2, tp=tp)
+def _training_layout(checkpoint: str, tokenizer: str) -> LlamaDistLM:
+    """The model as pretraining holds it at tp 2: sequence and loss parallelism on."""
+    parallel = ParallelConfig(tp=2).validate(2, source_config(checkpoint))
+    mesh = build_mesh(parallel, device="cpu")
+    model = build_llama(source_config(checkpoint), parallel, mesh, device=torch.device("cpu"))
+    load_initial_weights(model, checkpoint)
+    return LlamaDistLM.from_model(
+        model, Tokenizer(tokenizer), mesh=mesh, sequence_parallel=True, batch_size=2
+    )
+
+
+def _evaluate_sharded(checkpoint: str, tokenizer: str, layout: str) -> dict:
+    if layout == "tp2-sp":
+        lm = _training_layout(checkpoint, tokenizer)
+    else:
+        tp = {"fsdp2": 1, "tp2": 2}[layout]
+        lm = LlamaDistLM(checkpoint=checkpoint, tokenizer=tokenizer, batch_size=2, tp=tp)
     params = list(lm.model.parameters())
     held = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params)
     out = {
@@ -80,9 +104,13 @@ def reference(ours, theirs) -> dict:
     }
 
 
-@pytest.mark.parametrize("tp", [1, 2], ids=["fsdp2", "tp2"])
-def test_two_ranks_match_hflm(files, reference, tp):
-    got = run_distributed(_evaluate_sharded, 2, str(files["ckpt"]), str(files["tokenizer"]), tp)
+@pytest.mark.parametrize("layout", ["fsdp2", "tp2", "tp2-sp"])
+def test_two_ranks_match_hflm(files, reference, layout):
+    """fsdp2, tp2: a checkpoint read by the adapter; tp2-sp: the model as the pretraining
+    loop holds it (`LlamaDistLM.from_model`), whose logits come vocab-sharded, whose inputs
+    are padded to a multiple of tp, and which decodes through a copy without sequence
+    parallelism."""
+    got = run_distributed(_evaluate_sharded, 2, str(files["ckpt"]), str(files["tokenizer"]), layout)
     # FSDP holds half of every parameter; TP all but the norms' share of the replicated ones.
     assert got["held_fraction"] < 0.6
     for (a, greedy_a), (b, greedy_b) in zip(got["ll"], reference["ll"], strict=True):
@@ -98,3 +126,42 @@ def test_two_ranks_match_hflm(files, reference, tp):
         assert doc_a == doc_b
         for x, y in zip(resps_a, resps_b, strict=True):
             assert x[0] == pytest.approx(y[0], abs=ATOL) and x[1] == y[1]
+
+
+@pytest.mark.slow
+def test_evaluate_entry_point_under_torchrun(files, ours, tmp_path):
+    """`torchrun --nproc_per_node 2 launch/evaluate.py ... tp=2`: one results table, written by
+    the first rank, with the scores of the one-process evaluation."""
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(REPO_ROOT / "launch" / "evaluate.py"),
+            f"checkpoint={files['ckpt']}",
+            f"tokenizer={files['tokenizer']}",
+            f"tasks=[{','.join(TASKS)}]",
+            "device=cpu",
+            "tp=2",
+            f"out_dir={out}",
+            f"hydra.run.dir={tmp_path / 'hydra'}",
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("evaluate: wrote") == 1
+    written = json.loads((out / "results.json").read_text())
+    assert written["world_size"] == 2 and written["tp"] == 2
+    expected = run_tasks(ours, TASKS)["results"]
+    for task in TASKS:
+        for metric in ("acc,none", "exact_match,none"):
+            if metric in expected[task]:
+                assert written["results"][task][metric] == expected[task][metric]

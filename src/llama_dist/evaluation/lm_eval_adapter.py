@@ -43,6 +43,7 @@ from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from llama_dist.checkpoint.init import load_initial_weights, source_config
+from llama_dist.data.chat import render_dialog
 from llama_dist.generate import check_sampling, load_for_generation
 from llama_dist.generation_dist import (
     consolidated_for_generation,
@@ -61,6 +62,12 @@ _PARAM_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 # Any id: right padding of a loglikelihood batch sits after every real token, so the causal
 # mask keeps it out of their attention, and its logits are never read.
 _PAD_ID = 0
+
+# The chat format's text (apply_chat_template) carries what text cannot: where a segment
+# encoded with bos begins, and which segments end with eos. Private-use characters, which no
+# tokenizer piece holds and str.strip does not remove.
+_CHAT, _SEGMENT, _EOS = "\ue000", "\ue001", "\ue002"
+CHAT_TEMPLATE_NAME = "llama-2-chat (llama_dist.data.chat)"
 
 # (cache key, context ids, continuation ids), as TemplateLM.loglikelihood builds them.
 TokenRequest = tuple[Any, list[int], list[int]]
@@ -358,11 +365,48 @@ class LlamaDistLM(TemplateLM):
     def tok_encode(
         self, string: str, add_special_tokens: bool | None = None, **kwargs: Any
     ) -> list[int]:
+        if string.startswith(_CHAT):  # apply_chat_template's text, perhaps continued
+            ids = []
+            for part in string[len(_CHAT) :].split(_SEGMENT):
+                ended = part.endswith(_EOS)
+                ids += self._tok.encode(part.removesuffix(_EOS), bos=True, eos=ended)
+            return ids
         bos = self.add_bos_token if add_special_tokens is None else add_special_tokens
         return self._tok.encode(string, bos=bos)
 
     def tok_decode(self, tokens: Sequence[int], **kwargs: Any) -> str:
-        return self._tok.decode(list(tokens))
+        # Ids past the tokenizer's pieces (a model vocabulary padded to a round size) have
+        # no text.
+        return self._tok.decode([t for t in tokens if t < self._tok.vocab_size])
+
+    # Chat models (--apply_chat_template) ----------------------------------------------------
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        """The name the harness records for the chat format (there is one: Llama 2's)."""
+        return CHAT_TEMPLATE_NAME if chat_template else None
+
+    def apply_chat_template(
+        self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True
+    ) -> str:
+        """`chat_history` in the Llama 2 chat format the SFT and RLHF stages train on
+        (`llama_dist.data.chat`): `tok_encode` of the text gives `encode_dialog`'s ids, each
+        segment with bos and each answered one with eos, and a continuation appended to the
+        text continues the last segment (the answer to its prompt). With
+        add_generation_prompt=False the last message is the assistant's start (a task's
+        gen_prefix), continuing the last prompt without eos."""
+        history = [{"role": m["role"], "content": m["content"]} for m in chat_history]
+        prefill = None
+        if not add_generation_prompt and history and history[-1]["role"] == "assistant":
+            prefill = history.pop()["content"]
+        segments = render_dialog(history)
+        if segments[-1].eos:
+            raise ValueError(
+                "the chat history ends with an answer; the last message must be the user's "
+                "(or, with add_generation_prompt=False, the assistant's start)"
+            )
+        parts = [segment.text + (_EOS if segment.eos else "") for segment in segments]
+        if prefill is not None:
+            parts[-1] += f" {prefill.strip()}"
+        return _CHAT + _SEGMENT.join(parts)
 
     # loglikelihood -----------------------------------------------------------------------------
     @torch.no_grad()

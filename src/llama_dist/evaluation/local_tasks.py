@@ -132,11 +132,16 @@ def run_tasks(
     log_samples: bool = False,
     bootstrap_iters: int = 0,
     seed: int = 0,
-) -> dict[str, Any]:
+    apply_chat_template: bool = False,
+    system_instruction: str | None = None,
+) -> dict[str, Any] | None:
     """`lm_eval.simple_evaluate` of `lm` (an lm-eval model, e.g. `LlamaDistLM`) on `tasks`
     (see `task_configs`): the harness's results dict ("results" per task, "samples" per task
     with log_samples). bootstrap_iters 0 skips bootstrapped standard errors (means get theirs
-    in closed form)."""
+    in closed form). apply_chat_template: the requests in the model's chat format (a chat
+    model: SFT or RLHF), after `system_instruction` as the system message when given. None
+    on the processes the harness returns nothing to (all but the first of each node).
+    """
     from lm_eval import simple_evaluate
 
     return simple_evaluate(
@@ -151,4 +156,6 @@ def run_tasks(
         numpy_random_seed=seed,
         torch_random_seed=seed,
         fewshot_random_seed=seed,
+        apply_chat_template=apply_chat_template,
+        system_instruction=system_instruction,
     )

@@ -146,7 +146,8 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def plot_loss_curve(run_dir: Path) -> Path | None:
-    """Train and validation loss against step, as `loss_curve.png` in the run folder."""
+    """Train and validation loss against step, as `loss_curve.png` in the run folder; beside
+    it, when the run evaluated harness tasks (kind "harness"), their metrics against step."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -157,7 +158,9 @@ def plot_loss_curve(run_dir: Path) -> Path | None:
     valid = [(r["step"], r["loss"]) for r in records if r["kind"] == "valid" and "loss" in r]
     if not train:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    harness = harness_curves(records)
+    fig, axes = plt.subplots(1, 2 if harness else 1, figsize=(13 if harness else 7, 4.5))
+    ax = axes[0] if harness else axes
     ax.plot(*zip(*train, strict=True), label="train loss", linewidth=1.2)
     if valid:
         ax.plot(*zip(*valid, strict=True), "o-", label="validation loss", linewidth=1.5)
@@ -166,8 +169,29 @@ def plot_loss_curve(run_dir: Path) -> Path | None:
     ax.set_title(f"{Path(run_dir).name}: loss")
     ax.grid(alpha=0.3)
     ax.legend()
+    if harness:
+        ax = axes[1]
+        for name, points in harness.items():
+            ax.plot(*zip(*points, strict=True), "o-", label=name, linewidth=1.2)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("score")
+        ax.set_title("harness tasks")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     out = Path(run_dir) / "loss_curve.png"
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+def harness_curves(records: list[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:
+    """ "TASK/METRIC" -> [(step, value), ...] of the harness rows of a run's metrics."""
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for record in records:
+        if record["kind"] != "harness":
+            continue
+        for key, value in record.items():
+            if key not in ("step", "kind", "time"):
+                curves.setdefault(key, []).append((record["step"], value))
+    return curves

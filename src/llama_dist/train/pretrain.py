@@ -18,6 +18,7 @@ from llama_dist.data.indexed import (
     ValidLoader,
     check_data_tokenizer,
 )
+from llama_dist.evaluation.periodic import PeriodicEvaluation, check_harness_tasks
 from llama_dist.generate import complete, load_for_generation
 from llama_dist.metrics.logger import plot_loss_curve
 from llama_dist.models.llama import set_attention_backend
@@ -90,6 +91,7 @@ def pretrain(cfg: JobConfig, run_dir: Path) -> TrainState:
         check_data_tokenizer(data.sources, tokenizer)
     if cfg.checkpoint.init_from:
         check_init_from(cfg.checkpoint.init_from, model_cfg)
+    check_harness_tasks(cfg.harness)
     run_dir = Path(run_dir)
     checkpoint_dir = run_dir / cfg.checkpoint.folder
     refuse_fresh_start_over_checkpoints(checkpoint_dir, cfg.checkpoint.resume)
@@ -161,10 +163,22 @@ def pretrain(cfg: JobConfig, run_dir: Path) -> TrainState:
     batches = iter(loader)
     last_saved: Path | None = None
 
+    harness = PeriodicEvaluation(
+        cfg.harness,
+        model=model,
+        tokenizer=tokenizer,
+        mesh=mesh,
+        sequence_parallel=cfg.parallel.tp > 1 and cfg.parallel.sequence_parallel,
+        total_steps=cfg.train.steps,
+    )
+
     def validate(step: int) -> None:
         if data.num_valid_samples:  # data.valid_fraction=0 holds nothing out
             result = evaluate(model, valid_loader, parallel=cfg.parallel, device=device)
             metrics.log(step, result, kind="valid")
+        scores = harness(step)
+        if scores is not None:
+            metrics.log(step, scores, kind="harness")
 
     try:
         if state.step == 0:  # the starting point of the validation curve
