@@ -31,6 +31,7 @@ pretrain: $(STAMP)
 	$(VENV)/bin/torchrun --standalone --nproc_per_node 2 launch/pretrain.py \
 	    model=tiny data=shakespeare train=cpu_demo run_name=cpu-demo \
 	    optim.warmup_steps=15 checkpoint.every=50 \
+	    harness.tasks=[demo_shakespeare_next_line,demo_shakespeare_ppl] \
 	    tokenizer=$(DEMO)/tokenizer.model $(ARGS)
 	@echo "run folder: runs/cpu-demo (metrics.jsonl, loss_curve.png, samples.txt, checkpoints/)"
 
