@@ -46,12 +46,15 @@ def check_harness_tasks(h: HarnessConfig) -> None:
 
 
 def flat_metrics(results: dict[str, Any]) -> dict[str, float]:
-    """{"TASK/METRIC": value} of a harness results dict, without standard errors; the
-    default filter's suffix is dropped (acc,none -> acc), others kept (exact_match_flexible)."""
+    """{"TASK/METRIC": value} of a harness results dict, without standard errors and sample
+    counts; the default filter's suffix is dropped (acc,none -> acc), others kept
+    (exact_match,flexible -> exact_match_flexible)."""
     out = {}
     for task, metrics in results["results"].items():
         for key, value in metrics.items():
             if "_stderr" in key or not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+            if key in ("sample_len", "sample_count"):  # how many documents, not a score
                 continue
             name = key.removesuffix(",none").replace(",", "_")
             out[f"{task}/{name}"] = float(value)

@@ -147,7 +147,8 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 def plot_loss_curve(run_dir: Path) -> Path | None:
     """Train and validation loss against step, as `loss_curve.png` in the run folder; beside
-    it, when the run evaluated harness tasks (kind "harness"), their metrics against step."""
+    it, when the run evaluated harness tasks (kind "harness"), one panel per task metric
+    (perplexities on a log scale)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -159,25 +160,31 @@ def plot_loss_curve(run_dir: Path) -> Path | None:
     if not train:
         return None
     harness = harness_curves(records)
-    fig, axes = plt.subplots(1, 2 if harness else 1, figsize=(13 if harness else 7, 4.5))
-    ax = axes[0] if harness else axes
+    cols = min(3, 1 + len(harness))
+    rows = -(-(1 + len(harness)) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(7 if cols == 1 else 4.6 * cols, 4.5 * rows))
+    axes = list(getattr(axes, "flat", [axes]))
+    ax = axes[0]
     ax.plot(*zip(*train, strict=True), label="train loss", linewidth=1.2)
     if valid:
         ax.plot(*zip(*valid, strict=True), "o-", label="validation loss", linewidth=1.5)
-    ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross entropy (nats/token)")
     ax.set_title(f"{Path(run_dir).name}: loss")
-    ax.grid(alpha=0.3)
     ax.legend()
-    if harness:
-        ax = axes[1]
-        for name, points in harness.items():
-            ax.plot(*zip(*points, strict=True), "o-", label=name, linewidth=1.2)
+    for ax, (name, points) in zip(axes[1:], harness.items(), strict=False):
+        ax.plot(*zip(*points, strict=True), "o-", color="tab:green", linewidth=1.2)
+        values = [v for _, v in points]
+        if "perplexity" in name:
+            ax.set_yscale("log")
+        elif 0 <= min(values) and max(values) <= 1:  # a rate: its whole range, noise to scale
+            ax.set_ylim(-0.02, 1.02)
+        task, _, metric = name.partition("/")
+        ax.set_title(f"{task}\n{metric}", fontsize=9)
+    for ax in axes:
         ax.set_xlabel("optimizer step")
-        ax.set_ylabel("score")
-        ax.set_title("harness tasks")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    for ax in axes[1 + len(harness) :]:
+        ax.set_visible(False)
     out = Path(run_dir) / "loss_curve.png"
     fig.tight_layout()
     fig.savefig(out, dpi=120)
@@ -192,6 +199,8 @@ def harness_curves(records: list[dict[str, Any]]) -> dict[str, list[tuple[int, f
         if record["kind"] != "harness":
             continue
         for key, value in record.items():
-            if key not in ("step", "kind", "time"):
+            if key not in ("step", "kind", "time") and not key.endswith(
+                ("/sample_len", "/sample_count")
+            ):
                 curves.setdefault(key, []).append((record["step"], value))
     return curves
