@@ -777,11 +777,15 @@ def validate_job(cfg: JobConfig, world_size: int) -> LlamaConfig:
     validate_optim(cfg.optim, steps=cfg.train.steps, default_lr=PEAK_LR.get(cfg.model.preset, 3e-4))
     validate_sample(cfg.sample)
     validate_checkpoint(cfg.checkpoint)
-    validate_harness(cfg.harness, eval_every=cfg.train.eval_every, tokenizer=cfg.tokenizer)
+    validate_harness(
+        cfg.harness, eval_every=cfg.train.eval_every, tokenizer=cfg.tokenizer, model=model
+    )
     return model
 
 
-def validate_harness(h: HarnessConfig, *, eval_every: int, tokenizer: str | None) -> None:
+def validate_harness(
+    h: HarnessConfig, *, eval_every: int, tokenizer: str | None, model: LlamaConfig
+) -> None:
     """Check the periodic harness evaluation's settings (its task names are checked by
     `llama_dist.evaluation.task_configs`, which needs the eval extra)."""
     if not h.tasks:
@@ -798,9 +802,21 @@ def validate_harness(h: HarnessConfig, *, eval_every: int, tokenizer: str | None
             raise ValueError(f"harness.{name}={getattr(h, name)} must be >= 1")
     if h.limit is not None and h.limit < 1:
         raise ValueError(f"harness.limit={h.limit} must be >= 1 (or null: every document)")
+    if h.max_gen_toks >= model.max_seq_len:
+        raise ValueError(
+            f"harness.max_gen_toks={h.max_gen_toks} leaves no room for a prompt in "
+            f"max_seq_len={model.max_seq_len}; generate fewer tokens"
+        )
+    if h.num_fewshot is not None and h.num_fewshot < 0:
+        raise ValueError(f"harness.num_fewshot={h.num_fewshot} must be >= 0 (or null)")
     if h.every < 0:
         raise ValueError(f"harness.every={h.every} must be >= 0 (0: at every validation)")
-    if h.every and eval_every and h.every % eval_every:
+    if h.every and not eval_every:
+        raise ValueError(
+            f"harness.every={h.every} with train.eval_every=0 (validation at the end only): "
+            "the harness runs at validation steps; set train.eval_every, or harness.every=0"
+        )
+    if h.every and h.every % eval_every:
         raise ValueError(
             f"harness.every={h.every} is not a multiple of train.eval_every={eval_every}: the "
             "harness runs at validation steps; use a multiple, or 0 for every validation"

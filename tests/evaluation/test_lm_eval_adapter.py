@@ -272,6 +272,9 @@ def test_chat_template_gives_the_sft_token_ids(ours):
     scored = context + continuation
     # (SFT's answer text ends with a space before eos, which the continuation has not.)
     assert encode_dialog(ours._tok, answered).ids[: len(scored)] == scored
+    # The harness joins a chat request's answer without a space (target_delimiter ""): the
+    # same tokens, not "]Paris" pieces the model never saw after [/INST].
+    assert ours._encode_pair(text, "ran to the sun") == (context, continuation)
     # A gen_prefix: the assistant's start continues the last prompt, without eos.
     prefilled = ours.apply_chat_template(
         [*DIALOG, {"role": "assistant", "content": "it"}], add_generation_prompt=False
@@ -297,7 +300,13 @@ def test_tasks_in_chat_format(ours):
     ]
     assert ours.tok_encode(prompt) == encode_dialog(ours._tok, dialog).ids
     mc = results["samples"]["llama_dist_mc"][0]
-    context = mc["arguments"][0][0]
+    context, continuation = mc["arguments"][0]
     dialog[1]["content"] = mc["doc"]["question"]
     assert ours.tok_encode(context) == encode_dialog(ours._tok, dialog).ids
+    # Each choice is scored as the answer SFT would train: its tokens after the prompt's.
+    context_ids, choice_ids = ours._encode_pair(context, continuation)
+    answered = [*dialog, {"role": "assistant", "content": continuation}]
+    assert encode_dialog(ours._tok, answered).ids[: len(context_ids + choice_ids)] == (
+        context_ids + choice_ids
+    )
     assert 0 <= results["results"]["llama_dist_mc"]["acc,none"] <= 1

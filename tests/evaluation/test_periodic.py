@@ -10,14 +10,16 @@ import copy
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from eval_helpers import WORDS
 from hydra import compose, initialize_config_dir
 
 from llama_dist.config import HarnessConfig, JobConfig, register_configs, to_job_config
 from llama_dist.data.prepare import prepare_data
 from llama_dist.evaluation import LlamaDistLM, run_tasks
-from llama_dist.evaluation.periodic import check_harness_tasks, flat_metrics
+from llama_dist.evaluation.periodic import check_harness_tasks, flat_metrics, kept_rng_state
 from llama_dist.metrics.logger import harness_curves, read_metrics
 from llama_dist.testing.distributed import run_distributed
 from llama_dist.train.pretrain import pretrain
@@ -120,6 +122,17 @@ def test_bad_harness_settings_fail_before_launch(files, data, tmp_path):
     cfg = _job(data, files["tokenizer"], one, "harness.tasks=[llama_dist_mc]", "harness.every=3")
     with pytest.raises(ValueError, match="harness.every=3 is not a multiple of train.eval_every"):
         pretrain(cfg, tmp_path / "run")
+    for bad, message in [
+        ("harness.max_gen_toks=512", "harness.max_gen_toks=512 leaves no room for a prompt"),
+        ("harness.num_fewshot=-1", "harness.num_fewshot=-1 must be >= 0"),
+        ("train.eval_every=0", None),
+    ]:
+        overrides = [one, "harness.tasks=[llama_dist_mc]", bad]
+        if message is None:  # every set, but validation only at the end
+            overrides.append("harness.every=2")
+            message = "harness.every=2 with train.eval_every=0"
+        with pytest.raises(ValueError, match=message):
+            pretrain(_job(data, files["tokenizer"], *overrides), tmp_path / "run")
     cfg = _job(data, files["tokenizer"], one, "harness.tasks=[llama_dist_mc]", "tokenizer=null")
     with pytest.raises(ValueError, match="harness.tasks needs the model's tokenizer"):
         pretrain(cfg, tmp_path / "run")
@@ -127,3 +140,16 @@ def test_bad_harness_settings_fail_before_launch(files, data, tmp_path):
     with pytest.raises(ValueError, match=r"harness.tasks: unknown task\(s\) \['no_such_task'\]"):
         pretrain(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()  # refused before the run folder was made
+
+
+def test_the_run_draws_after_an_evaluation_what_it_draws_without_one():
+    def draws() -> tuple:
+        return random.random(), float(np.random.rand()), float(torch.rand(()))
+
+    random.seed(5), np.random.seed(5), torch.manual_seed(5)
+    without = draws()
+    random.seed(5), np.random.seed(5), torch.manual_seed(5)
+    with kept_rng_state(torch.device("cpu")):
+        random.seed(0), np.random.seed(0), torch.manual_seed(0)  # as simple_evaluate does
+        inside = draws()
+    assert draws() == without != inside

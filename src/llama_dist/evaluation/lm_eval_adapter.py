@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,7 @@ from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from llama_dist.checkpoint.init import load_initial_weights, source_config
-from llama_dist.data.chat import render_dialog
+from llama_dist.data.chat import E_INST, render_dialog
 from llama_dist.generate import check_sampling, load_for_generation
 from llama_dist.generation_dist import (
     consolidated_for_generation,
@@ -68,6 +69,7 @@ _PAD_ID = 0
 # tokenizer piece holds and str.strip does not remove.
 _CHAT, _SEGMENT, _EOS = "\ue000", "\ue001", "\ue002"
 CHAT_TEMPLATE_NAME = "llama-2-chat (llama_dist.data.chat)"
+_ANSWER_WITHOUT_SPACE = re.compile(re.escape(E_INST) + r"(?=\S)")
 
 # (cache key, context ids, continuation ids), as TemplateLM.loglikelihood builds them.
 TokenRequest = tuple[Any, list[int], list[int]]
@@ -190,7 +192,8 @@ class LlamaDistLM(TemplateLM):
         tok = Tokenizer(tokenizer_path)
         check_language_model(source_config(checkpoint), f"checkpoint {str(checkpoint)!r}")
         if _distributed_world():
-            dev = init_distributed(device=device or "auto")
+            # The local rank picks the GPU: "cuda:0" (the harness's --device) means "cuda".
+            dev = init_distributed(device=(device or "auto").split(":")[0])
             model, mesh = load_sharded(
                 checkpoint, tp=int(tp), dp_replicate=int(dp_replicate), dtype=dtype, device=dev
             )
@@ -296,6 +299,9 @@ class LlamaDistLM(TemplateLM):
             self._dp_rank, self._dp_size = dp_rank_and_size(mesh)
             self._tp = mesh["tp"].size()
         self._sequence_parallel = sequence_parallel and self._tp > 1
+        if self._sequence_parallel:
+            # Inputs are padded to a multiple of tp, which must still fit in max_seq_len.
+            self._max_length = min(self._max_length, self.cfg.max_seq_len // self._tp * self._tp)
         # Seeded per data-parallel rank: the ranks sample different requests.
         self._generator = torch.Generator(device=self._device).manual_seed(
             self._seed + 1_000_003 * self._dp_rank
@@ -309,10 +315,10 @@ class LlamaDistLM(TemplateLM):
         so every rank gets long and short ones alike."""
         return order[self._dp_rank :: self._dp_size]
 
-    def _num_batches(self, num_requests: int) -> int:
+    def _num_batches(self, num_requests: int, batch_size: int) -> int:
         """How many batches this rank runs: its own, or the most of any rank whose forwards
         are collective with its own."""
-        mine = -(-num_requests // self.batch_size)
+        mine = -(-num_requests // batch_size)
         if self._lockstep is None:
             return mine
         most = torch.tensor([mine], device=self._device)
@@ -368,6 +374,9 @@ class LlamaDistLM(TemplateLM):
         if string.startswith(_CHAT):  # apply_chat_template's text, perhaps continued
             ids = []
             for part in string[len(_CHAT) :].split(_SEGMENT):
+                # An answer follows "[/INST]" after a space, as SFT trains it; the harness's
+                # chat requests join the answer without one (target_delimiter "").
+                part = _ANSWER_WITHOUT_SPACE.sub(E_INST + " ", part)
                 ended = part.endswith(_EOS)
                 ids += self._tok.encode(part.removesuffix(_EOS), bos=True, eos=ended)
             return ids
@@ -435,7 +444,7 @@ class LlamaDistLM(TemplateLM):
         mine = self._my_share(order)
         results: dict[int, tuple[float, bool]] = {}
         progress = tqdm(total=len(mine), disable=disable_tqdm or self._progress_rank != 0)
-        for b in range(self._num_batches(len(mine))):
+        for b in range(self._num_batches(len(mine), batch_size)):
             batch = mine[b * batch_size : (b + 1) * batch_size]
             if not batch:  # nothing left here; the collective forward still needs this rank
                 self._logprobs(torch.full((1, 1), _PAD_ID, dtype=torch.long))
@@ -516,7 +525,7 @@ class LlamaDistLM(TemplateLM):
                     for i in indices
                 }
                 mine = self._my_share(sorted(indices, key=lambda i: -len(encoded[i])))
-                for b in range(self._num_batches(len(mine))):
+                for b in range(self._num_batches(len(mine), self.batch_size)):
                     batch = mine[b * self.batch_size : (b + 1) * self.batch_size]
                     texts = self._generate_batch(
                         gen_model,

@@ -62,10 +62,11 @@ def flat_metrics(results: dict[str, Any]) -> dict[str, float]:
 
 
 @contextlib.contextmanager
-def kept_rng_state() -> Iterator[None]:
-    """Restore Python's, NumPy's and torch's (CPU and CUDA) generator states on exit."""
+def kept_rng_state(device: torch.device) -> Iterator[None]:
+    """Restore Python's, NumPy's and torch's generator states (CPU, and `device`'s when it
+    is a GPU) on exit."""
     py, np_state = random.getstate(), np.random.get_state()
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         try:
             yield
@@ -88,6 +89,7 @@ class PeriodicEvaluation:
         total_steps: int,
     ) -> None:
         self.h, self.total_steps = h, total_steps
+        self._device = model.tok_embeddings.weight.device
         self._lm = None
         if h.tasks:
             from llama_dist.evaluation.lm_eval_adapter import LlamaDistLM
@@ -114,7 +116,7 @@ class PeriodicEvaluation:
             return None
         from llama_dist.evaluation.local_tasks import run_tasks
 
-        with kept_rng_state(), torch.no_grad():
+        with kept_rng_state(self._device), torch.no_grad():
             results = run_tasks(
                 self._lm,
                 self.h.tasks,
