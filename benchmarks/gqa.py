@@ -362,8 +362,9 @@ def render_markdown(
             "prefill: the prompt's forward",
             "- FFN widths: computed to give GQA and MQA the parameters of MHA (the paper widened "
             "x1.3 for GQA and x1.33 for MQA at 30B); the multiplier depends on the shape",
-            "- the model repeats the cached kv heads to every query head before attention, so "
-            "GQA and MQA hold and read a smaller cache but do MHA's attention arithmetic",
+            "- each cached kv head serves its group of query heads through SDPA's enable_gqa "
+            "(no copy; on CUDA with an explicit mask, K and V are repeated instead), so GQA "
+            "and MQA hold and read a smaller cache; the attention arithmetic stays MHA's",
             "",
             "## Variants",
             "",
