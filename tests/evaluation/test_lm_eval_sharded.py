@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -25,7 +24,7 @@ from torch.distributed.tensor import DTensor
 from llama_dist.checkpoint.init import load_initial_weights, source_config
 from llama_dist.evaluation import LlamaDistLM, run_tasks
 from llama_dist.parallel import ParallelConfig, build_llama, build_mesh
-from llama_dist.testing.distributed import run_distributed
+from llama_dist.testing.distributed import run_distributed, torchrun_command
 from llama_dist.tokenizer import Tokenizer
 
 # Greedy generations of different lengths: stop strings met early or late, or never.
@@ -135,12 +134,7 @@ def test_evaluate_entry_point_under_torchrun(files, ours, tmp_path):
     out = tmp_path / "out"
     result = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
+            *torchrun_command(2),
             str(REPO_ROOT / "launch" / "evaluate.py"),
             f"checkpoint={files['ckpt']}",
             f"tokenizer={files['tokenizer']}",

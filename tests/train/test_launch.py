@@ -18,9 +18,10 @@ from faulty_pretrain import KILL_RANK_ENV, KILL_STEP_ENV
 from pretrain_helpers import ROOT, train_losses, write_corpus
 
 from llama_dist.metrics.logger import read_metrics
+from llama_dist.testing.distributed import torchrun_command
 from llama_dist.tokenizer import train_tokenizer
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+TORCHRUN = torchrun_command(2)
 
 
 def common(data: Path, run_dir: Path, *extra: str) -> list[str]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,18 +14,14 @@ from chat_helpers import base_checkpoint, dialogs, make_tokenizer, write_jsonl
 
 from llama_dist.data.preference import write_synthetic_preferences
 from llama_dist.metrics.logger import read_metrics
+from llama_dist.testing.distributed import torchrun_command
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def torchrun(script: str, run_dir: Path, *args: str) -> str:
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
+        *torchrun_command(2),
         str(ROOT / "launch" / script),
         *args,
         f"hydra.run.dir={run_dir}",

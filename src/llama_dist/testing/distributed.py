@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import pickle
 import socket
+import sys
 import tempfile
 import traceback
 from collections.abc import Callable
@@ -18,6 +19,19 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+
+def torchrun_command(nproc: int = 2) -> list[str]:
+    """The start of a `torchrun --standalone --nproc_per_node N` command line, with this
+    interpreter (so the test's environment is the workers')."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+    ]
 
 
 def _free_port() -> int:
