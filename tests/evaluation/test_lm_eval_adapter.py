@@ -310,3 +310,23 @@ def test_tasks_in_chat_format(ours):
         context_ids + choice_ids
     )
     assert 0 <= results["results"]["llama_dist_mc"]["acc,none"] <= 1
+
+
+def test_only_rank_0_of_the_harness_command_line_writes():
+    from llama_dist.evaluation.__main__ import args_for_rank
+
+    args = [
+        "--model",
+        "llama_dist",
+        "--output_path",
+        "out",
+        "--log_samples",
+        "--wandb_args",
+        "project=x",
+        "name=y",
+        "--tasks",
+        "llama_dist_mc",
+        "-o=out2",
+    ]
+    assert args_for_rank(args, 0) == args
+    assert args_for_rank(args, 3) == ["--model", "llama_dist", "--tasks", "llama_dist_mc"]
