@@ -112,18 +112,17 @@ def check_language_model(cfg: LlamaConfig, where: str) -> None:
 
 def load_sharded(
     checkpoint: str | os.PathLike,
+    cfg: LlamaConfig,
     *,
     tp: int,
     dp_replicate: int,
     dtype: str,
     device: torch.device,
 ) -> tuple[Llama, DeviceMesh]:
-    """The model at `checkpoint`, sharded over every rank (FSDP over the data-parallel ranks,
-    TP over `tp`) and filled shard by shard; every rank calls this. Without sequence or loss
-    parallelism: decoding feeds one token per step, which cannot be split over tp ranks, and
-    the harness reads whole log-probability rows."""
-    cfg = source_config(checkpoint)
-    check_language_model(cfg, f"checkpoint {str(checkpoint)!r}")
+    """The model at `checkpoint` (of config `cfg`), sharded over every rank (FSDP over the
+    data-parallel ranks, TP over `tp`) and filled shard by shard; every rank calls this.
+    Without sequence or loss parallelism: decoding feeds one token per step, which cannot be
+    split over tp ranks, and the harness reads whole log-probability rows."""
     parallel = ParallelConfig(
         dp_replicate=dp_replicate,
         tp=tp,
@@ -190,12 +189,13 @@ class LlamaDistLM(TemplateLM):
             raise ValueError(f"dtype={dtype!r} is not one of {sorted(_DTYPES)}")
         tokenizer_path = resolve_tokenizer(checkpoint, tokenizer)
         tok = Tokenizer(tokenizer_path)
-        check_language_model(source_config(checkpoint), f"checkpoint {str(checkpoint)!r}")
+        cfg = source_config(checkpoint)
+        check_language_model(cfg, f"checkpoint {str(checkpoint)!r}")  # before any loading
         if _distributed_world():
             # The local rank picks the GPU: "cuda:0" (the harness's --device) means "cuda".
             dev = init_distributed(device=(device or "auto").split(":")[0])
             model, mesh = load_sharded(
-                checkpoint, tp=int(tp), dp_replicate=int(dp_replicate), dtype=dtype, device=dev
+                checkpoint, cfg, tp=int(tp), dp_replicate=int(dp_replicate), dtype=dtype, device=dev
             )
         else:
             if int(tp) != 1 or int(dp_replicate) != 1:
@@ -239,6 +239,7 @@ class LlamaDistLM(TemplateLM):
         `sequence_parallel`: the model was built with it (tp > 1); its inputs are then padded
         to a multiple of tp and generation goes through a copy gathered over the
         data-parallel ranks (still sharded over tp), built per generation call."""
+        check_language_model(model.cfg, "the model")
         lm = cls.__new__(cls)
         lm._setup(
             model,
@@ -277,7 +278,6 @@ class LlamaDistLM(TemplateLM):
         if self.batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
         self.model, self.cfg, self._tok, self._mesh = model, model.cfg, tokenizer, mesh
-        check_language_model(self.cfg, "the model")
         if self._tok.vocab_size > self.cfg.vocab_size:
             raise ValueError(
                 f"tokenizer {str(tokenizer.path)!r} has {self._tok.vocab_size} pieces but the "

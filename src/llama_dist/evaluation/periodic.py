@@ -9,7 +9,6 @@ afterwards, so a run with the evaluation draws what it would draw without it.
 from __future__ import annotations
 
 import contextlib
-import logging
 import random
 from collections.abc import Iterator
 from typing import Any
@@ -21,8 +20,6 @@ from torch.distributed.device_mesh import DeviceMesh
 from llama_dist.config import HarnessConfig
 from llama_dist.models.llama import Llama
 from llama_dist.tokenizer import Tokenizer
-
-log = logging.getLogger(__name__)
 
 
 def check_harness_tasks(h: HarnessConfig) -> None:

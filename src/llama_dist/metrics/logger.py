@@ -199,8 +199,6 @@ def harness_curves(records: list[dict[str, Any]]) -> dict[str, list[tuple[int, f
         if record["kind"] != "harness":
             continue
         for key, value in record.items():
-            if key not in ("step", "kind", "time") and not key.endswith(
-                ("/sample_len", "/sample_count")
-            ):
+            if key not in ("step", "kind", "time"):
                 curves.setdefault(key, []).append((record["step"], value))
     return curves
