@@ -66,6 +66,13 @@ def _worker(
             dist.destroy_process_group()
     with open(result_path, "wb") as f:
         pickle.dump(payload, f)
+    # The result is on disk: leave without the interpreter's finalization. Gloo's worker
+    # threads can still hold tensors then, and freeing them while Python shuts down aborts
+    # the process now and then (SIGABRT, "terminate called without an active exception"),
+    # which would fail a run whose every rank finished.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_distributed(fn: Callable, world_size: int, *args: Any, init: bool = True) -> Any:
