@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import math
 
+import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
@@ -138,6 +139,7 @@ def sync_worker() -> dict:
         t = training(impl, seed=1)
         outcomes = run_steps(t, range(1, 5), poison=2)
         results[impl] = (params(t), [o.applied for o in outcomes], t.state.skipped_steps)
+        out[impl + "_norms"] = [o.grad_norm for o in outcomes if o.applied]
         results[impl + "_steps"] = int(t.optimizer.state[next(iter(t.model.parameters()))]["step"])
     out["fused_params"], out["fused_applied"], out["fused_skipped"] = results["fused"]
     out["foreach_params"], out["foreach_applied"], _ = results["foreach"]
@@ -153,6 +155,10 @@ def test_one_host_sync_per_step_and_skips_agree():
     assert result["fused_applied"] == [True, False, True, True]
     assert result["foreach_applied"] == [True, False, True, True]
     assert result["fused_skipped"] == 1
+    # Clipping acts on every applied step: the fused path's grad_scale is compared with
+    # foreach's scaled gradients.
+    assert min(result["fused_norms"]) > 1.0, result["fused_norms"]
+    assert result["fused_norms"] == pytest.approx(result["foreach_norms"], rel=1e-5)
     # AdamW's step counter counts the applied steps only, on both paths.
     assert result["adam_steps"] == (3, 3)
     for a, b in zip(result["fused_params"], result["foreach_params"], strict=True):

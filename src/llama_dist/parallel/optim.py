@@ -6,6 +6,7 @@ import math
 from collections import defaultdict
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
@@ -19,27 +20,87 @@ def _group_by_mesh(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
     return list(groups.values())
 
 
+def _sum_of_squares(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The fp32 sum of the squares of every element of plain `tensors` (on one device)."""
+    if tensors[0].device.type == "cpu":
+        # CPU has no foreach norm kernel: BLAS's dot reads each tensor once, at memory speed
+        # (the small preset's gradients: 6.5 ms against 16 ms for per-tensor vector_norm).
+        parts = [torch.dot(flat, flat) for flat in (t.reshape(-1).float() for t in tensors)]
+        return torch.stack(parts).sum()
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = defaultdict(list)
+    for t in tensors:
+        by_dtype[t.dtype].append(t)
+    norms = [torch.stack(torch._foreach_norm(same)).float() for same in by_dtype.values()]
+    parts = [n.square().sum() for n in norms]
+    return torch.stack(parts).sum()
+
+
+@torch.no_grad()
+def grad_norm(parameters: list[nn.Parameter]) -> torch.Tensor:
+    """The global L2 norm of all gradients (fp32, 0-dim), however they are sharded.
+
+    Computed on the local shards, then summed over the mesh axes each gradient is sharded
+    over: a replicated axis holds copies, counted once. Plain tensors are identical on every
+    rank, so their local norm is already global. One all-reduce per distinct set of sharded
+    axes (FSDP alone: one; FSDP x TP: two or three), in the same order on every rank.
+    """
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.tensor(0.0)
+    groups: dict[object, list[torch.Tensor]] = defaultdict(list)
+    for g in grads:
+        if not isinstance(g, DTensor):
+            groups[None].append(g)
+        elif any(p.is_partial() for p in g.placements):
+            groups[g.device_mesh, "partial"].append(g)
+        else:
+            # Any placement but Replicate splits the tensor over that axis: Shard, and FSDP's
+            # _StridedShard under TP (not a Shard subclass in torch 2.13).
+            axes = tuple(
+                i
+                for i, p in enumerate(g.placements)
+                if not p.is_replicate() and g.device_mesh.size(i) > 1
+            )
+            groups[g.device_mesh, axes].append(g)
+    squares = []
+    for key, group in groups.items():
+        if key is None:
+            squares.append(_sum_of_squares(group))
+            continue
+        mesh, axes = key
+        if axes == "partial":
+            # Unreduced gradients: their squares cannot be summed shard by shard.
+            norm = torch.nn.utils.get_total_norm(group, 2.0).full_tensor()
+            squares.append(norm.float() ** 2)
+            continue
+        square = _sum_of_squares([g.to_local() for g in group])
+        for axis in axes:
+            dist.all_reduce(square, group=mesh.get_group(axis))
+        squares.append(square)
+    device = squares[0].device
+    return torch.stack([s.to(device) for s in squares]).sum().sqrt()
+
+
+def clip_scale(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """The factor that clipping divides gradients by: (norm + 1e-6) / max_norm, at least 1
+    (torch's `clip_grads_with_norm_` multiplies by its inverse)."""
+    return torch.clamp((norm + 1e-6) / max_norm, min=1.0)
+
+
+def clips(max_norm: float) -> bool:
+    """Whether `max_norm` asks for clipping (0 or inf: the norm is only measured)."""
+    return max_norm > 0 and math.isfinite(max_norm)
+
+
 @torch.no_grad()
 def clip_grad_norm_(
     parameters: list[nn.Parameter], max_norm: float, *, foreach: bool | None = None
 ) -> torch.Tensor:
-    """Clip by the global L2 norm of all gradients, however they are sharded; returns it.
-
-    A DTensor's norm reduces over its mesh (shards summed, replicas counted once); plain
-    tensors are identical on every rank, so their local norm is already global.
-    """
+    """Clip by the global L2 norm of all gradients (`grad_norm`), however they are sharded;
+    returns that norm."""
     params = [p for p in parameters if p.grad is not None]
-    grads = [p.grad for p in params]
-    squares = []
-    for group in _group_by_mesh(grads):
-        norm = torch.nn.utils.get_total_norm(group, 2.0, foreach=foreach)
-        if isinstance(norm, DTensor):
-            norm = norm.full_tensor()
-        squares.append(norm.float() ** 2)
-    if not squares:
-        return torch.tensor(0.0)
-    total = torch.stack(squares).sum().sqrt()
-    if max_norm > 0 and math.isfinite(max_norm):
+    total = grad_norm(params)
+    if params and clips(max_norm):
         for group in _group_by_mesh(params):
             torch.nn.utils.clip_grads_with_norm_(group, max_norm, total, foreach=foreach)
     return total
