@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from llama_dist import host_memory
 from llama_dist.checkpoint.init import model_config_from_path
 from llama_dist.losses import cross_entropy_loss
 from llama_dist.metrics.mfu import mfu, peak_flops
@@ -175,6 +176,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--threads", type=int, default=None, help="CPU threads per setting (default: torch's)"
+    )
+    p.add_argument(
+        "--huge-pages",
+        default="on",
+        choices=("on", "off"),
+        help="host tensors of 2 MiB and more on transparent huge pages, for every "
+        "implementation alike (THP_MEM_ALLOC_ENABLE; on: as llama_dist's entry points ask). "
+        "Under torchrun the launching environment decides",
     )
     p.add_argument("--seed", type=int, default=0, help="weights and data")
     args = p.parse_args(argv)
@@ -487,6 +496,7 @@ def run_group(spec: dict[str, Any]) -> dict[str, Any]:
         "results": results,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "num_threads": torch.get_num_threads(),
+        "huge_pages": os.environ.get(host_memory.ENV, "0") == "1",
     }
 
 
@@ -647,6 +657,9 @@ def header(env: dict[str, Any], cfg: LlamaConfig, seq_len: int, fpt: int, argv: 
         "with its parameters in the dtype above\n"
         "- HF: sdpa attention, the same weights; ac full = activation checkpointing of every "
         "decoder layer (non-reentrant), compile on = torch.compile per decoder layer\n"
+        f"- host tensors of 2 MiB and more on transparent huge pages: "
+        f"{env['huge_pages']}, for every implementation alike "
+        "(THP_MEM_ALLOC_ENABLE, which llama_dist's entry points turn on)\n"
         f"- load average (1 min) at start {env['load_start']:.2f}, at end {env['load_end']:.2f}"
         "\n"
     )
@@ -655,6 +668,9 @@ def header(env: dict[str, Any], cfg: LlamaConfig, seq_len: int, fpt: int, argv: 
 def main(argv: Sequence[str] | None = None) -> Report:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    if not under_torchrun():
+        # The settings' processes inherit it; torch reads it at a process's first tensor.
+        os.environ[host_memory.ENV] = "1" if args.huge_pages == "on" else "0"
     device = resolve_device(args.device)
     if under_torchrun() and device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -665,7 +681,7 @@ def main(argv: Sequence[str] | None = None) -> Report:
     load_start = os.getloadavg()[0]
 
     results: dict[Setting, dict[str, Any]] = {}
-    env_info = {"device_name": "?", "num_threads": "?"}
+    env_info = {"device_name": "?", "num_threads": "?", "huge_pages": None}
     for group in setting_groups(args):
         first = group[0]
         spec = {
@@ -689,7 +705,7 @@ def main(argv: Sequence[str] | None = None) -> Report:
             results.update({s: res for s in group})
             status = res["error"]
         else:
-            env_info = {k: res[k] for k in ("device_name", "num_threads")}
+            env_info = {k: res[k] for k in ("device_name", "num_threads", "huge_pages")}
             results.update(zip(group, res["results"], strict=True))
             status = ", ".join(f"{r['first_step_s']:.1f}" for r in res["results"])
             status = f"first step {status} s"
@@ -756,6 +772,7 @@ def main(argv: Sequence[str] | None = None) -> Report:
         else "each setting in a fresh process",
         "load_start": load_start,
         "load_end": os.getloadavg()[0],
+        "huge_pages": {True: "on", False: "off", None: "?"}[env_info["huge_pages"]],
     }
     markdown = header(env, cfg, seq_len, fpt, argv) + "\n" + table(rows)
     if under_torchrun():
