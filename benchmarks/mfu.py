@@ -86,6 +86,7 @@ class Row:
     step_time_s: float | None = None  # median (or min, --stat) over the timed steps
     tflops: float | None = None  # model TFLOP/s per device
     mfu: float | None = None
+    of_gemm: float | None = None  # model TFLOP/s over the measured GEMM rate
     peak_mem_gib: float | None = None
     first_loss: float | None = None  # loss of the first step: ours and HF must agree
     vs_hf: float | None = None  # ours / HF tokens/s for the same setting
@@ -184,6 +185,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="host tensors of 2 MiB and more on transparent huge pages, for every "
         "implementation alike (THP_MEM_ALLOC_ENABLE; on: as llama_dist's entry points ask). "
         "Under torchrun the launching environment decides",
+    )
+    p.add_argument(
+        "--gemm-rate",
+        default="on",
+        choices=("on", "off"),
+        help=f"first measure a {GEMM_SIZE}^3 matmul in --dtype, in a process of its own with the "
+        "settings' threads, and report each row's model TFLOP/s as a share of it (`of GEMM`)",
     )
     p.add_argument("--seed", type=int, default=0, help="weights and data")
     args = p.parse_args(argv)
@@ -511,11 +519,38 @@ def cpu_name() -> str:
     return platform.processor() or "cpu"
 
 
+GEMM_SIZE = 4096  # the measured GEMM: square, large enough to run at the BLAS's best
+
+
+def measure_gemm_rate(spec: dict[str, Any]) -> dict[str, Any]:
+    """FLOP/s of a GEMM_SIZE^3 matmul in the run's dtype and threads: the fastest of 5 after
+    2 untimed; what the device's matrix units actually deliver, for the `of GEMM` column."""
+    device = torch.device(spec["device"])
+    if spec["threads"] is not None:
+        torch.set_num_threads(spec["threads"])
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    a, b = (
+        torch.randn(GEMM_SIZE, GEMM_SIZE, generator=gen).to(device, _DTYPES[spec["dtype"]])
+        for _ in range(2)
+    )
+    times = []
+    for i in range(7):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    return {"gemm_flops": 2 * GEMM_SIZE**3 / min(times), "num_threads": torch.get_num_threads()}
+
+
 def worker_main(spec_json: str) -> None:
     """Entry point of a setting's process: run it, print the result as one JSON line."""
     spec = json.loads(spec_json)
     try:
-        result = run_group(spec)
+        result = measure_gemm_rate(spec) if spec.get("gemm") else run_group(spec)
     except torch.OutOfMemoryError:
         result = {"error": "OOM"}
     print(_RESULT_PREFIX + json.dumps(result), flush=True)
@@ -603,9 +638,9 @@ def _ratio(row: Row) -> str:
 
 def table(rows: list[Row]) -> str:
     head = (
-        "| impl | micro-batch | ac | compile | tokens/s/device | TFLOP/s | MFU "
+        "| impl | micro-batch | ac | compile | tokens/s/device | TFLOP/s | MFU | of GEMM "
         "| peak mem (GiB) | step (s) | first loss | ours/HF |\n"
-        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|\n"
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     )
     lines = []
     for r in rows:
@@ -617,12 +652,13 @@ def table(rows: list[Row]) -> str:
             "on" if s.compile else "off",
         ]
         if r.error is not None:
-            cells += [f"failed: {r.error}"] + ["-"] * 6
+            cells += [f"failed: {r.error}"] + ["-"] * 7
         else:
             cells += [
                 _fmt(r.tokens_per_s, ",.0f"),
                 _fmt(r.tflops, ".4g"),
                 "-" if r.mfu is None else f"{100 * r.mfu:.1f}%",
+                "-" if r.of_gemm is None else f"{100 * r.of_gemm:.0f}%",
                 _fmt(r.peak_mem_gib, ".2f"),
                 _fmt(r.step_time_s, ".3f"),
                 _fmt(r.first_loss, ".4f"),
@@ -635,6 +671,14 @@ def table(rows: list[Row]) -> str:
 def header(env: dict[str, Any], cfg: LlamaConfig, seq_len: int, fpt: int, argv: list[str]) -> str:
     peak = env["peak_flops"]
     peak_text = "none given (no MFU)" if peak is None else f"{peak / 1e12:.1f} TFLOP/s"
+    gemm = env["gemm_flops"]
+    gemm_text = (
+        "not measured (no `of GEMM`)"
+        if gemm is None
+        else f"{gemm / 1e12:.4g} TFLOP/s ({GEMM_SIZE}^3 matmul in {env['dtype']}, fastest of 5, "
+        "in a process of its own with the settings' threads); `of GEMM` is a row's model "
+        "TFLOP/s over it"
+    )
     command = "python benchmarks/mfu.py " + shlex.join(argv)
     model = json.dumps(cfg.to_dict())
     return (
@@ -648,6 +692,7 @@ def header(env: dict[str, Any], cfg: LlamaConfig, seq_len: int, fpt: int, argv: 
         f"- parameters {cfg.num_params():,} ({cfg.num_params(exclude_embedding=True):,} without "
         f"the embedding), seq_len {seq_len}, model FLOPs/token {fpt:,}\n"
         f"- peak for MFU: {peak_text}\n"
+        f"- measured GEMM rate: {gemm_text}\n"
         f"- {env['steps']} timed steps after {env['warmup']} warmup steps, {env['processes']}; "
         "a step is forward + fp32 cross entropy + backward + AdamW step "
         f"({env['adamw']}); tokens/s from the {env['stat']} step time\n"
@@ -679,6 +724,15 @@ def main(argv: Sequence[str] | None = None) -> Report:
     fpt = flops_per_token(cfg, seq_len)
     peak = resolve_peak(device, dtype, args.peak_tflops)
     load_start = os.getloadavg()[0]
+
+    gemm_flops = None
+    if args.gemm_rate == "on":
+        spec = {"gemm": True, "device": str(device), "dtype": dtype, "threads": args.threads}
+        res = measure_gemm_rate(spec) if under_torchrun() else spawn_group(spec)
+        if "error" in res:
+            print(f"GEMM rate not measured: {res['error']}", file=sys.stderr, flush=True)
+        else:
+            gemm_flops = res["gemm_flops"]
 
     results: dict[Setting, dict[str, Any]] = {}
     env_info = {"device_name": "?", "num_threads": "?", "huge_pages": None}
@@ -733,6 +787,7 @@ def main(argv: Sequence[str] | None = None) -> Report:
                 mfu=None
                 if peak is None
                 else mfu(tokens_per_s=tps, flops_per_token=fpt, num_devices=1, peak=peak),
+                of_gemm=None if gemm_flops is None else tps * fpt / gemm_flops,
                 peak_mem_gib=None
                 if res["peak_mem_bytes"] is None
                 else res["peak_mem_bytes"] / _GIB,
@@ -773,6 +828,7 @@ def main(argv: Sequence[str] | None = None) -> Report:
         "load_start": load_start,
         "load_end": os.getloadavg()[0],
         "huge_pages": {True: "on", False: "off", None: "?"}[env_info["huge_pages"]],
+        "gemm_flops": gemm_flops,
     }
     markdown = header(env, cfg, seq_len, fpt, argv) + "\n" + table(rows)
     if under_torchrun():

@@ -55,6 +55,11 @@ def test_mfu_benchmark_runs_ours_and_hf(tmp_path: Path, monkeypatch: pytest.Monk
     assert trainer.vs_hf == pytest.approx(trainer.tokens_per_s / hf.tokens_per_s)
     # No peak given on CPU: MFU is left out rather than guessed.
     assert ours.mfu is None
+    # The measured GEMM rate stands in for a peak.
+    gemm = report.env["gemm_flops"]
+    assert gemm > 0
+    for row in report.rows:
+        assert row.of_gemm == pytest.approx(row.tflops * 1e12 / gemm)
 
     text = out.read_text()
     assert "| ours | 2 | none | off |" in text and "| hf | 2 | none | off |" in text
@@ -62,3 +67,4 @@ def test_mfu_benchmark_runs_ours_and_hf(tmp_path: Path, monkeypatch: pytest.Monk
     assert f"model FLOPs/token {fpt:,}" in text
     # The settings' processes ran with the allocator setting the entry points ask for.
     assert "transparent huge pages: on, for every implementation alike" in text
+    assert f"measured GEMM rate: {gemm / 1e12:.4g} TFLOP/s" in text
