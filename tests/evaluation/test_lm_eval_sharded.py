@@ -62,8 +62,10 @@ def _evaluate_sharded(checkpoint: str, tokenizer: str, layout: str) -> dict:
     if layout == "tp2-sp":
         lm = _training_layout(checkpoint, tokenizer)
     else:
-        tp = {"fsdp2": 1, "tp2": 2}[layout]
-        lm = LlamaDistLM(checkpoint=checkpoint, tokenizer=tokenizer, batch_size=2, tp=tp)
+        tp, replicas = {"fsdp2": (1, 1), "tp2": (2, 1), "hsdp2": (1, 2)}[layout]
+        lm = LlamaDistLM(
+            checkpoint=checkpoint, tokenizer=tokenizer, batch_size=2, tp=tp, dp_replicate=replicas
+        )
     params = list(lm.model.parameters())
     held = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params)
     out = {
@@ -103,15 +105,20 @@ def reference(ours, theirs) -> dict:
     }
 
 
-@pytest.mark.parametrize("layout", ["fsdp2", "tp2", "tp2-sp"])
+@pytest.mark.parametrize("layout", ["fsdp2", "tp2", "tp2-sp", "hsdp2"])
 def test_two_ranks_match_hflm(files, reference, layout):
     """fsdp2, tp2: a checkpoint read by the adapter; tp2-sp: the model as the pretraining
     loop holds it (`LlamaDistLM.from_model`), whose logits come vocab-sharded, whose inputs
     are padded to a multiple of tp, and which decodes through a copy without sequence
-    parallelism."""
+    parallelism; hsdp2: dp_replicate=2, the requests dealt over the replicas."""
     got = run_distributed(_evaluate_sharded, 2, str(files["ckpt"]), str(files["tokenizer"]), layout)
-    # FSDP holds half of every parameter; TP all but the norms' share of the replicated ones.
-    assert got["held_fraction"] < 0.6
+    if layout == "hsdp2":
+        # Two replicas of one shard each: every rank holds the whole (tiny) model.
+        assert got["held_fraction"] == 1
+    else:
+        # FSDP holds half of every parameter; TP all but the norms' share of the replicated
+        # ones.
+        assert got["held_fraction"] < 0.6
     for (a, greedy_a), (b, greedy_b) in zip(got["ll"], reference["ll"], strict=True):
         assert a == pytest.approx(b, abs=ATOL) and greedy_a == greedy_b
     assert got["rolling"] == pytest.approx(reference["rolling"], abs=ATOL)
@@ -159,3 +166,43 @@ def test_evaluate_entry_point_under_torchrun(files, ours, tmp_path):
         for metric in ("acc,none", "exact_match,none"):
             if metric in expected[task]:
                 assert written["results"][task][metric] == expected[task][metric]
+
+
+@pytest.mark.slow
+def test_harness_command_line_under_torchrun(files, ours, tmp_path):
+    """`torchrun --nproc_per_node 2 -m llama_dist.evaluation --model llama_dist --model_args
+    ...,tp=2`: the harness's own command line on a tp-sharded model; only the first rank
+    writes results, and they are the one-process scores."""
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [
+            *torchrun_command(2),
+            "-m",
+            "llama_dist.evaluation",
+            "--model",
+            "llama_dist",
+            "--model_args",
+            f"checkpoint={files['ckpt']},tokenizer={files['tokenizer']},tp=2",
+            "--tasks",
+            ",".join(TASKS),
+            "--device",
+            "cpu",
+            "--output_path",
+            str(out),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = list(out.rglob("results*.json"))
+    assert len(written) == 1, written
+    results = json.loads(written[0].read_text())["results"]
+    expected = run_tasks(ours, TASKS)["results"]
+    assert results["llama_dist_mc"]["acc,none"] == expected["llama_dist_mc"]["acc,none"]
+    assert (
+        results["llama_dist_gen"]["exact_match,none"]
+        == expected["llama_dist_gen"]["exact_match,none"]
+    )
