@@ -61,15 +61,23 @@ def _worker(
         payload = ("ok", result if rank == 0 else None)
     except BaseException:  # noqa: BLE001 - reported to the parent with its traceback
         payload = ("error", f"rank {rank}:\n{traceback.format_exc()}")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    with open(result_path, "wb") as f:
+    partial = result_path.with_suffix(".partial")
+    with open(partial, "wb") as f:
         pickle.dump(payload, f)
-    # The result is on disk: leave without the interpreter's finalization. Gloo's worker
-    # threads can still hold tensors then, and freeing them while Python shuts down aborts
-    # the process now and then (SIGABRT, "terminate called without an active exception"),
-    # which would fail a run whose every rank finished.
+    partial.rename(result_path)
+    # Teardown comes after every rank's result is on disk (a rank that failed waits for no
+    # one: the others' barrier then fails, and they leave too). Then leave without the
+    # interpreter's finalization: gloo's threads can still hold tensors, and freeing them
+    # while Python shuts down aborts the process now and then (SIGABRT, "terminate called
+    # without an active exception"). `run_distributed` takes the results of a run whose
+    # every rank wrote them, whatever its teardown did.
+    try:
+        if dist.is_initialized():
+            if payload[0] == "ok":
+                dist.barrier()
+            dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - teardown only; the result is already written
+        pass
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
@@ -83,13 +91,20 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, init: bool = True
     as an entry point joins it itself.
     """
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.start_processes(
-            _worker,
-            args=(world_size, _free_port(), out_dir, fn, args, init),
-            nprocs=world_size,
-            join=True,
-            start_method="spawn",
-        )
+        try:
+            mp.start_processes(
+                _worker,
+                args=(world_size, _free_port(), out_dir, fn, args, init),
+                nprocs=world_size,
+                join=True,
+                start_method="spawn",
+            )
+        except mp.ProcessExitedException as e:
+            # A crash after every rank wrote its result is one of teardown, not of `fn`.
+            written = [(Path(out_dir) / f"rank{r}.pkl").exists() for r in range(world_size)]
+            if not all(written):
+                raise
+            print(f"run_distributed: every rank finished; then {e}", file=sys.stderr)
         results = []
         for rank in range(world_size):
             with open(Path(out_dir) / f"rank{rank}.pkl", "rb") as f:
