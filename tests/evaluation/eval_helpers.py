@@ -116,3 +116,22 @@ def per_sample(results, task: str) -> list:
         )
         for s in sorted(results["samples"][task], key=lambda s: s["doc_id"])
     ]
+
+
+def harness_cli(files: dict[str, Path], tasks: list[str], out: Path, model_args: str = "") -> list:
+    """The arguments after the interpreter (or torchrun) for `-m llama_dist.evaluation`: the
+    harness's command line on the test checkpoint, on CPU, writing under `out`."""
+    return [
+        "-m",
+        "llama_dist.evaluation",
+        "--model",
+        "llama_dist",
+        "--model_args",
+        f"checkpoint={files['ckpt']},tokenizer={files['tokenizer']}{model_args}",
+        "--tasks",
+        ",".join(tasks),
+        "--device",
+        "cpu",
+        "--output_path",
+        str(out),
+    ]

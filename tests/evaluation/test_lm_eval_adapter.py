@@ -22,6 +22,7 @@ from eval_helpers import (
     MAX_SEQ_LEN,
     REPO_ROOT,
     ROLLING,
+    harness_cli,
     instances,
     per_sample,
     task_texts,
@@ -179,21 +180,7 @@ def test_checkpoint_without_tokenizer(files):
 def test_cli_runs_bundled_task(files, tmp_path):
     out = tmp_path / "out"
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "llama_dist.evaluation",
-            "--model",
-            "llama_dist",
-            "--model_args",
-            f"checkpoint={files['ckpt']},tokenizer={files['tokenizer']}",
-            "--tasks",
-            "llama_dist_mc",
-            "--device",
-            "cpu",
-            "--output_path",
-            str(out),
-        ],
+        [sys.executable, *harness_cli(files, ["llama_dist_mc"], out)],
         cwd=tmp_path,
         capture_output=True,
         text=True,

@@ -18,7 +18,15 @@ import subprocess
 import pytest
 import torch
 import torch.distributed as dist
-from eval_helpers import ATOL, LL_REQUESTS, REPO_ROOT, ROLLING, instances, per_sample
+from eval_helpers import (
+    ATOL,
+    LL_REQUESTS,
+    REPO_ROOT,
+    ROLLING,
+    harness_cli,
+    instances,
+    per_sample,
+)
 from torch.distributed.tensor import DTensor
 
 from llama_dist.checkpoint.init import load_initial_weights, source_config
@@ -175,21 +183,7 @@ def test_harness_command_line_under_torchrun(files, ours, tmp_path):
     writes results, and they are the one-process scores."""
     out = tmp_path / "out"
     result = subprocess.run(
-        [
-            *torchrun_command(2),
-            "-m",
-            "llama_dist.evaluation",
-            "--model",
-            "llama_dist",
-            "--model_args",
-            f"checkpoint={files['ckpt']},tokenizer={files['tokenizer']},tp=2",
-            "--tasks",
-            ",".join(TASKS),
-            "--device",
-            "cpu",
-            "--output_path",
-            str(out),
-        ],
+        [*torchrun_command(2), *harness_cli(files, TASKS, out, ",tp=2")],
         cwd=tmp_path,
         capture_output=True,
         text=True,
