@@ -42,7 +42,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from llama_dist import host_memory
 from llama_dist.checkpoint.init import model_config_from_path
 from llama_dist.losses import cross_entropy_loss
 from llama_dist.metrics.mfu import mfu, peak_flops
@@ -59,6 +58,9 @@ _RESULT_PREFIX = "MFU_BENCH_RESULT "
 # making them: sdpa-gqa changes models/llama.py (see `patch_ours_`).
 OURS_PATCHES = ("sdpa-gqa",)
 _GIB = 2**30
+# torch's CPU allocator puts allocations of 2 MiB and more on transparent huge pages when this
+# is 1; it reads it once, at a process's first CPU allocation.
+_HUGE_PAGES_ENV = "THP_MEM_ALLOC_ENABLE"
 
 
 IMPLS = ("trainer", "ours", "hf")
@@ -180,11 +182,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--huge-pages",
-        default="on",
+        default="off",
         choices=("on", "off"),
         help="host tensors of 2 MiB and more on transparent huge pages, for every "
-        "implementation alike (THP_MEM_ALLOC_ENABLE; on: as llama_dist's entry points ask). "
-        "Under torchrun the launching environment decides",
+        f"implementation alike ({_HUGE_PAGES_ENV}=1 in the settings' processes). Under "
+        "torchrun the launching environment decides",
     )
     p.add_argument(
         "--gemm-rate",
@@ -504,7 +506,7 @@ def run_group(spec: dict[str, Any]) -> dict[str, Any]:
         "results": results,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "num_threads": torch.get_num_threads(),
-        "huge_pages": os.environ.get(host_memory.ENV, "0") == "1",
+        "huge_pages": os.environ.get(_HUGE_PAGES_ENV, "0") == "1",
     }
 
 
@@ -704,7 +706,7 @@ def header(env: dict[str, Any], cfg: LlamaConfig, seq_len: int, fpt: int, argv: 
         "decoder layer (non-reentrant), compile on = torch.compile per decoder layer\n"
         f"- host tensors of 2 MiB and more on transparent huge pages: "
         f"{env['huge_pages']}, for every implementation alike "
-        "(THP_MEM_ALLOC_ENABLE, which llama_dist's entry points turn on)\n"
+        f"({_HUGE_PAGES_ENV}, --huge-pages)\n"
         f"- load average (1 min) at start {env['load_start']:.2f}, at end {env['load_end']:.2f}"
         "\n"
     )
@@ -715,7 +717,7 @@ def main(argv: Sequence[str] | None = None) -> Report:
     args = parse_args(argv)
     if not under_torchrun():
         # The settings' processes inherit it; torch reads it at a process's first tensor.
-        os.environ[host_memory.ENV] = "1" if args.huge_pages == "on" else "0"
+        os.environ[_HUGE_PAGES_ENV] = "1" if args.huge_pages == "on" else "0"
     device = resolve_device(args.device)
     if under_torchrun() and device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))

@@ -33,7 +33,6 @@ from llama_dist.checkpoint import (
 from llama_dist.config import CheckpointConfig, LoopConfig, OptimConfig, validate_checkpoint
 from llama_dist.config_keys import to_typed_config
 from llama_dist.exit_codes import EXIT_STOPPED, EXIT_USER_ERROR
-from llama_dist.host_memory import use_huge_pages
 from llama_dist.lr_schedule import build_lr_scheduler
 from llama_dist.metrics.logger import MetricsLogger, peak_memory_gib
 from llama_dist.metrics.mfu import peak_flops
@@ -67,7 +66,6 @@ def run_entry_point(name: str, loop: Callable[[Any, Path], Any], job: Any) -> No
     job already."""
     from hydra.core.hydra_config import HydraConfig
 
-    use_huge_pages()  # before the first tensor: torch reads it once
     code = run_job(name, loop, job, Path(HydraConfig.get().runtime.output_dir))
     if code:
         sys.exit(code)
