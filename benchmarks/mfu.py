@@ -43,6 +43,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from llama_dist.checkpoint.init import model_config_from_path
+from llama_dist.host_memory import keep_freed_host_memory
 from llama_dist.losses import cross_entropy_loss
 from llama_dist.metrics.mfu import mfu, peak_flops
 from llama_dist.models.config import PRESETS, LlamaConfig, get_preset
@@ -187,6 +188,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="host tensors of 2 MiB and more on transparent huge pages, for every "
         f"implementation alike ({_HUGE_PAGES_ENV}=1 in the settings' processes). Under "
         "torchrun the launching environment decides",
+    )
+    p.add_argument(
+        "--host-malloc",
+        default="keep",
+        choices=("keep", "system"),
+        help="keep: glibc keeps freed host memory for the next step, as CPU training runs do "
+        "(llama_dist.host_memory), in every setting's process alike; system: glibc's defaults",
     )
     p.add_argument(
         "--gemm-rate",
@@ -436,6 +444,8 @@ def run_group(spec: dict[str, Any]) -> dict[str, Any]:
         torch.set_num_threads(spec["threads"])
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    kept = spec.get("host_malloc", "keep") == "keep" and keep_freed_host_memory()
+    host_malloc = "keep" if kept else "system"
     if any(m["impl"] == "hf" for m in spec["models"]):
         import transformers  # noqa: F401  (before the baseline: imports are not the setting's)
     rss_before = _rss_bytes("VmRSS")
@@ -475,10 +485,11 @@ def run_group(spec: dict[str, Any]) -> dict[str, Any]:
                 loss_value = model(tokens)  # the step's own sync brings the loss back
             else:
                 if impl == "ours":
-                    logits = model(inputs)
+                    # The loss in the head, chunk by chunk, as forward_backward computes it.
+                    loss = model(inputs, labels=labels)
                 else:
                     logits = model(input_ids=inputs, use_cache=False).logits
-                loss = cross_entropy_loss(logits, labels)
+                    loss = cross_entropy_loss(logits, labels)
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -507,6 +518,7 @@ def run_group(spec: dict[str, Any]) -> dict[str, Any]:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "num_threads": torch.get_num_threads(),
         "huge_pages": os.environ.get(_HUGE_PAGES_ENV, "0") == "1",
+        "host_malloc": host_malloc,
     }
 
 
@@ -707,6 +719,8 @@ def header(env: dict[str, Any], cfg: LlamaConfig, seq_len: int, fpt: int, argv: 
         f"- host tensors of 2 MiB and more on transparent huge pages: "
         f"{env['huge_pages']}, for every implementation alike "
         f"({_HUGE_PAGES_ENV}, --huge-pages)\n"
+        f"- freed host memory kept for the next step (glibc mmap threshold 32 MiB, no trim): "
+        f"{env['host_malloc']}, for every implementation alike (--host-malloc)\n"
         f"- load average (1 min) at start {env['load_start']:.2f}, at end {env['load_end']:.2f}"
         "\n"
     )
@@ -737,7 +751,8 @@ def main(argv: Sequence[str] | None = None) -> Report:
             gemm_flops = res["gemm_flops"]
 
     results: dict[Setting, dict[str, Any]] = {}
-    env_info = {"device_name": "?", "num_threads": "?", "huge_pages": None}
+    info_keys = ("device_name", "num_threads", "huge_pages", "host_malloc")
+    env_info = {"device_name": "?", "num_threads": "?", "huge_pages": None, "host_malloc": "?"}
     for group in setting_groups(args):
         first = group[0]
         spec = {
@@ -754,6 +769,7 @@ def main(argv: Sequence[str] | None = None) -> Report:
             "seed": args.seed,
             "adamw": args.adamw,
             "threads": args.threads,
+            "host_malloc": args.host_malloc,
         }
         start = time.perf_counter()
         res = run_group(spec) if under_torchrun() else spawn_group(spec)
@@ -761,7 +777,7 @@ def main(argv: Sequence[str] | None = None) -> Report:
             results.update({s: res for s in group})
             status = res["error"]
         else:
-            env_info = {k: res[k] for k in ("device_name", "num_threads", "huge_pages")}
+            env_info = {k: res[k] for k in info_keys}
             results.update(zip(group, res["results"], strict=True))
             status = ", ".join(f"{r['first_step_s']:.1f}" for r in res["results"])
             status = f"first step {status} s"
@@ -830,6 +846,7 @@ def main(argv: Sequence[str] | None = None) -> Report:
         "load_start": load_start,
         "load_end": os.getloadavg()[0],
         "huge_pages": {True: "on", False: "off", None: "?"}[env_info["huge_pages"]],
+        "host_malloc": env_info["host_malloc"],
         "gemm_flops": gemm_flops,
     }
     markdown = header(env, cfg, seq_len, fpt, argv) + "\n" + table(rows)

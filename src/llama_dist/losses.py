@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 IGNORE_INDEX = -100
+
+# fp32 logits of at most this many bytes exist at once in `linear_cross_entropy`: 128 MiB is
+# 1,048 tokens of a 32k vocabulary, 8 chunks for a 7B micro-batch of 2 x 4096 tokens.
+LOSS_CHUNK_BYTES = 128 * 2**20
 
 
 def cross_entropy_loss(
@@ -27,3 +32,103 @@ def cross_entropy_loss(
         ignore_index=ignore_index,
         reduction=reduction,
     )
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = IGNORE_INDEX,
+    reduction: str = "mean",
+    chunk_bytes: int = LOSS_CHUNK_BYTES,
+) -> torch.Tensor:
+    """`cross_entropy_loss(hidden @ weight.T, labels)` (fp32 softmax, reduction "mean" or
+    "sum") without holding the logits of all tokens.
+
+    The tokens go through the head a chunk at a time (fp32 logits of at most `chunk_bytes`).
+    When gradients are wanted they are computed in the same pass: each chunk's logits turn in
+    place into softmax - one-hot, which gives that chunk's input gradient and adds to the
+    weight's. The backward then only scales them. Against the unfused head this saves the
+    logits, their fp32 copy, the log-softmax kept for backward and its gradient (four buffers
+    of tokens x vocab) and two passes over them; the weight's gradient is accumulated in fp32.
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction={reduction!r}: linear_cross_entropy computes mean or sum")
+    h = hidden.reshape(-1, hidden.shape[-1])
+    y = labels.reshape(-1)
+    if h.shape[0] != y.shape[0]:
+        raise ValueError(f"{h.shape[0]} hidden states for {y.shape[0]} labels")
+    chunk = max(1, chunk_bytes // (4 * weight.shape[0]))
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(h, weight, y, ignore_index, reduction, chunk)
+    with torch.no_grad():
+        return _chunked_loss(h, weight, y, ignore_index, reduction, chunk, grads=None)
+
+
+def _chunked_loss(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    y: torch.Tensor,
+    ignore_index: int,
+    reduction: str,
+    chunk: int,
+    grads: tuple[torch.Tensor | None, torch.Tensor | None] | None,
+) -> torch.Tensor:
+    """The loss; with `grads` = (input grad or None, fp32 weight grad or None), fills them."""
+    valid = y != ignore_index
+    target = torch.where(valid, y, 0)
+    count = valid.sum()
+    # Mean over labelled tokens: as F.cross_entropy, nan when there are none.
+    scale = 1.0 / count.float() if reduction == "mean" else None
+    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    for start in range(0, h.shape[0], chunk):
+        rows = slice(start, start + chunk)
+        h_c, t_c, v_c = h[rows], target[rows, None], valid[rows, None]
+        logits = (h_c @ weight.t()).float()
+        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+        total += ((lse - logits.gather(1, t_c)) * v_c).sum()
+        if grads is None:
+            continue
+        grad_h, grad_w = grads
+        # softmax - one-hot on labelled rows, zero on the others, times 1/count for the mean.
+        weights = v_c.float() if scale is None else v_c * scale
+        g = logits.sub_(lse).exp_().mul_(weights)
+        g.scatter_add_(1, t_c, -weights)
+        g = g.to(h.dtype)
+        if grad_h is not None:
+            torch.mm(g, weight, out=grad_h[rows])
+        if grad_w is not None:
+            if grad_w.dtype == g.dtype:
+                grad_w.addmm_(g.t(), h_c)
+            else:
+                grad_w += g.t() @ h_c
+    return total if scale is None else total * scale
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, y, ignore_index, reduction, chunk):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        grad_w = grad_w if need_w else None
+        loss = _chunked_loss(h, weight, y, ignore_index, reduction, chunk, (grad_h, grad_w))
+        ctx.grads = (grad_h, None if grad_w is None else grad_w.to(weight.dtype))
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss):
+        if ctx.grads is None:
+            raise RuntimeError(
+                "linear_cross_entropy computes its gradients for one backward; "
+                "recompute the loss instead of retaining its graph"
+            )
+        grad_h, grad_w = ctx.grads
+        ctx.grads = None
+        if grad_h is not None:
+            grad_h.mul_(grad_loss.to(grad_h.dtype))
+        if grad_w is not None:
+            grad_w.mul_(grad_loss.to(grad_w.dtype))
+        return grad_h, grad_w, None, None, None, None

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
+from llama_dist.losses import IGNORE_INDEX, cross_entropy_loss, linear_cross_entropy
 from llama_dist.models.config import LlamaConfig, RopeScaling
 
 
@@ -281,6 +282,28 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+class Head(nn.Linear):
+    """The output projection; given labels, it returns their cross entropy instead of the
+    logits, computed chunk by chunk without holding all of them (`linear_cross_entropy`).
+
+    The loss is computed inside this module's forward so that FSDP's hooks on it (gathering
+    the weight, and its gradient's reduce-scatter) run as they do for the logits."""
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        *,
+        reduction: str = "mean",
+        ignore_index: int = IGNORE_INDEX,
+    ) -> torch.Tensor:
+        if labels is None:
+            return super().forward(x)
+        return linear_cross_entropy(
+            x, self.weight, labels, reduction=reduction, ignore_index=ignore_index
+        )
+
+
 def document_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
     """Boolean SDPA mask (bsz, 1, seqlen, seqlen): causal, and only within a document.
 
@@ -334,13 +357,16 @@ class Llama(nn.Module):
         self.layers = nn.ModuleDict({str(i): TransformerBlock(i, cfg) for i in range(cfg.n_layers)})
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         # The next-token head (vocab_size rows) or, with cfg.output_dim, e.g. a reward score.
-        self.output = nn.Linear(cfg.dim, cfg.output_width, bias=False)
+        self.output = Head(cfg.dim, cfg.output_width, bias=False)
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
         # Not persistent: derived from the config, recomputed by init_weights after to_empty.
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         # A run setting, not model shape: chosen by the job (`set_attention_backend`).
         self.attention_backend = "sdpa"
+        # Whether `forward(labels=...)` computes the loss in the head, chunk by chunk; off
+        # under tensor parallelism, whose vocab-sharded logits go to the loss-parallel softmax.
+        self.fused_loss = True
 
     def set_attention_backend(self, backend: str) -> None:
         if backend not in ATTENTION_BACKENDS:
@@ -357,8 +383,14 @@ class Llama(nn.Module):
         position_ids: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
+        labels: torch.Tensor | None = None,
+        reduction: str = "mean",
     ) -> torch.Tensor:
-        """Logits (bsz, seqlen, vocab_size) for tokens (bsz, seqlen).
+        """Logits (bsz, seqlen, vocab_size) for tokens (bsz, seqlen); with labels (bsz,
+        seqlen; IGNORE_INDEX where there is nothing to predict), their fp32 cross entropy
+        instead: the mean or sum over labelled tokens, or per token (flattened) with
+        reduction="none". The mean and the sum never hold all logits (`Head`); under tensor
+        parallelism, call it under `llama_dist.parallel.loss_context`.
 
         position_ids (bsz, seqlen): rotary positions, e.g. restarting at each packed document;
         default 0..seqlen-1. document_ids (bsz, seqlen): when given, attention stays within a
@@ -391,7 +423,14 @@ class Llama(nn.Module):
         h = self.tok_embeddings(tokens)
         for layer in self.layers.values():
             h = layer(h, cos, sin, mask)
-        return self.output(self.norm(h))
+        h = self.norm(h)
+        if labels is None:
+            return self.output(h)
+        if not self.cfg.is_lm_head:
+            raise ValueError("labels are for a next-token head; this model has output_dim set")
+        if self.fused_loss and reduction != "none":
+            return self.output(h, labels, reduction=reduction)
+        return cross_entropy_loss(self.output(h), labels, reduction=reduction)
 
     def _forward_cached(
         self,

@@ -80,6 +80,8 @@ def apply_tp(
             use_local_output=not loss_parallel,
         )
     parallelize_module(model, tp_mesh, plan)
+    # The head's logits are vocab-sharded (or gathered): the loss is computed from them.
+    model.fused_loss = False
     if not lm_head:
         _replicate_head(model.output, tp_mesh, seq)
     if sequence_parallel:

@@ -33,6 +33,7 @@ from llama_dist.checkpoint import (
 from llama_dist.config import CheckpointConfig, LoopConfig, OptimConfig, validate_checkpoint
 from llama_dist.config_keys import to_typed_config
 from llama_dist.exit_codes import EXIT_STOPPED, EXIT_USER_ERROR
+from llama_dist.host_memory import keep_freed_host_memory
 from llama_dist.lr_schedule import build_lr_scheduler
 from llama_dist.metrics.logger import MetricsLogger, peak_memory_gib
 from llama_dist.metrics.mfu import peak_flops
@@ -133,6 +134,8 @@ def open_run(
     rank raises the same ValueError, naming that run, before anything in the folder changes.
     """
     dev = init_distributed(device=device, timeout_s=collective_timeout_s)
+    if dev.type == "cpu":
+        keep_freed_host_memory()
     refusal = [None]
     if dist.get_rank() == 0:
         try:

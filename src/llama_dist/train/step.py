@@ -79,7 +79,7 @@ class NextTokenLoss:
         self, model: nn.Module, batch: dict[str, torch.Tensor], device: torch.device
     ) -> torch.Tensor:
         inputs, labels, kwargs = model_inputs(batch, device)
-        return cross_entropy_loss(model(inputs, **kwargs), labels, reduction="sum")
+        return model(inputs, labels=labels, reduction="sum", **kwargs)
 
 
 @dataclass
