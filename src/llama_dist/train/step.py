@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from llama_dist.losses import IGNORE_INDEX, cross_entropy_loss
+from llama_dist.losses import IGNORE_INDEX
 from llama_dist.metrics.mfu import mfu
 from llama_dist.parallel import clip_grad_norm_, loss_context, set_gradient_sync
 from llama_dist.parallel.config import ParallelConfig
@@ -179,14 +179,12 @@ def evaluate(
     count = torch.zeros((), device=device)
     for batch in batches:
         inputs, labels, kwargs = model_inputs(batch, device)
-        with loss_context(parallel):
-            per_token = cross_entropy_loss(model(inputs, **kwargs), labels, reduction="none")
-        per_token = _local(per_token).float().view(labels.shape)
         rows = batch.get("sample_mask", torch.ones(labels.shape[0], dtype=torch.bool))
-        rows = rows.to(device)
-        counted = (labels != IGNORE_INDEX) & rows[:, None]
-        total += per_token[counted].sum()
-        count += counted.sum()
+        labels = labels.masked_fill(~rows.to(device)[:, None], IGNORE_INDEX)
+        with loss_context(parallel):
+            # Summed in the head, as in training: the batch's logits never exist at once.
+            total += _local(model(inputs, labels=labels, reduction="sum", **kwargs)).float()
+        count += (labels != IGNORE_INDEX).sum()
     model.train()
     if dist.is_initialized() and dist.get_world_size() > 1:
         # Tensor-parallel ranks add the same sums to both, so the ratio is unchanged.
