@@ -444,7 +444,7 @@ def run_group(spec: dict[str, Any]) -> dict[str, Any]:
         torch.set_num_threads(spec["threads"])
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    kept = spec.get("host_malloc", "keep") == "keep" and keep_freed_host_memory()
+    kept = spec["host_malloc"] == "keep" and keep_freed_host_memory()
     host_malloc = "keep" if kept else "system"
     if any(m["impl"] == "hf" for m in spec["models"]):
         import transformers  # noqa: F401  (before the baseline: imports are not the setting's)

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from llama_dist.host_memory import MMAP_THRESHOLD_MAX
+
 IGNORE_INDEX = -100
 
 # fp32 logits of at most this many bytes exist at once in `linear_cross_entropy`. On GPUs 256
@@ -13,7 +15,7 @@ IGNORE_INDEX = -100
 # CPUs 32 MiB, the largest block glibc keeps for reuse (`llama_dist.host_memory`): a chunk's
 # buffers then come without page faults, and stay in cache better (the softmax of 256 tokens
 # of 32k takes 2 ms there, of 512 tokens 21 ms).
-LOSS_CHUNK_BYTES = {"cpu": 32 * 2**20}
+LOSS_CHUNK_BYTES = {"cpu": MMAP_THRESHOLD_MAX}
 DEFAULT_LOSS_CHUNK_BYTES = 256 * 2**20
 
 
